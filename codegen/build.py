@@ -1,0 +1,47 @@
+"""Build an llmc module into a TVM library for one target.
+
+Lowering (IR -> Relax), the target's pipeline (legalize, fuse, schedule) and the
+export of the library file happen here. TVM's own exceptions never reach the user:
+they become an `LlmcError` naming the target and the stage that failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from llmc.ir import LlmcError, Module
+from llmc.targets import Target
+
+from .lower import lower_module
+
+
+def _tvm_failure(stage: str, target: Target, error: Exception) -> LlmcError:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    summary = lines[-1] if lines else type(error).__name__
+    return LlmcError(f"TVM failed to {stage} for target {target.name}: {summary}")
+
+
+def build_library(module: Module, target: Target, directory: Path) -> dict[str, Any]:
+    """Compile `module` for `target` into `directory`; return the target's metadata entry."""
+    tvm_target = target.tvm_target()
+    try:
+        irmodule = lower_module(module, tvm_target)
+    except LlmcError:
+        raise
+    except Exception as error:  # TVM's FFI raises TVMError, TypeError, ValueError ...
+        raise _tvm_failure("lower the graph to Relax", target, error) from None
+    try:
+        executable = tvm.compile(irmodule, tvm_target, relax_pipeline=target.relax_pipeline())
+    except Exception as error:
+        raise _tvm_failure("compile the kernels", target, error) from None
+    library = directory / target.library_file()
+    try:
+        target.export(executable, library)
+    except LlmcError:
+        raise
+    except Exception as error:
+        raise _tvm_failure("export the library", target, error) from None
+    return {**target.describe(), "library": library.name}

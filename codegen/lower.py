@@ -1,0 +1,92 @@
+"""Lower an llmc `Module` to a TVM IRModule of Relax functions.
+
+Each IR function becomes a Relax function whose parameters are the function's inputs
+followed by one tuple holding every weight, in the order `weight_order` returns (the
+runtime passes them in that order). A module whose functions take a KV cache also gets
+`create_kv_cache`, which builds TVM's paged KV cache with TIR attention kernels for
+the target.
+"""
+
+from __future__ import annotations
+
+from tvm import relax, tirx
+from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+
+from llmc.ir import INPUT, PARAM, Graph, KVCacheType, LlmcError, Module, TensorType
+
+from .prim import SymbolTable
+from .relax_ops import TABLE, LowerContext, lower_node
+
+CREATE_KV_CACHE = "create_kv_cache"
+
+
+def weight_order(module: Module) -> list[str]:
+    return sorted(module.weights)
+
+
+def _relax_type(t, symbols: SymbolTable):
+    if isinstance(t, KVCacheType):
+        return relax.ObjectType()
+    return relax.TensorType(symbols.shape(t.shape), t.dtype)
+
+
+def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[TensorType], weight_index: dict[str, int]):
+    symbols = SymbolTable()
+    inputs = [relax.Var(n.name, _relax_type(n.type, symbols)) for n in graph.inputs]
+    params = relax.Var("params", relax.TupleType([_relax_type(t, symbols) for t in weight_types]))
+    cx = LowerContext(bb, symbols)
+    with bb.function(graph.name, inputs + [params]):
+        with bb.dataflow():
+            values: dict[int, relax.Expr] = {}
+            for var, node in zip(inputs, graph.inputs):
+                values[id(node)] = var
+            for node in graph.nodes:
+                if node.op == INPUT:
+                    continue
+                if node.op == PARAM:
+                    values[id(node)] = bb.emit(relax.TupleGetItem(params, weight_index[node.attrs["weight"]]),
+                                               name_hint=node.name)
+                    continue
+                if node.op not in TABLE:
+                    raise LlmcError(f"codegen has no lowering for op {node.op} (node %{node.name})")
+                args = [values[id(v)] if v is not None else None for v in node.inputs]
+                values[id(node)] = lower_node(cx, node, args)
+            results = [values[id(n)] for n in graph.outputs]
+            output = bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+        bb.emit_func_output(output)
+
+
+def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_target) -> None:
+    names = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
+    sizes = {n: tirx.Var(n, "int64") for n in names}
+    params = [relax.Var(n + "_shape", relax.ShapeType([sizes[n]])) for n in names]
+    with bb.function(CREATE_KV_CACHE, params):
+        kv = TIRPagedKVCache(
+            attn_kind="mha", **sizes, layer_partition=relax.ShapeExpr([0, cache.num_layers]),
+            num_hidden_layers=cache.num_layers, num_attention_heads=cache.num_q_heads,
+            num_key_value_heads=cache.num_kv_heads, qk_head_dim=cache.head_dim, v_head_dim=cache.head_dim,
+            mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            # The graph applies its own rotary embedding (positions are a graph input), so the cache stores
+            # keys as given and never rotates them.
+            rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
+            rope_ext_factors=relax.prim_value(0), rotary_dim=cache.head_dim, enable_disaggregation=False,
+            dtype=cache.dtype, target=tvm_target)
+        created = bb.emit(kv._expr, name_hint="kv_cache")
+        bb.emit_func_output(created)
+
+
+def lower_module(module: Module, tvm_target) -> "tvm.IRModule":  # noqa: F821
+    weight_names = weight_order(module)
+    types = module.param_types()
+    weight_types = [types[n] for n in weight_names]
+    weight_index = {n: i for i, n in enumerate(weight_names)}
+    bb = relax.BlockBuilder()
+    caches = set()
+    for graph in module.functions.values():
+        _lower_function(bb, graph, weight_types, weight_index)
+        caches.update(n.type for n in graph.inputs if isinstance(n.type, KVCacheType))
+    if len(caches) > 1:
+        raise LlmcError("the module's functions disagree about the KV cache they use")
+    if caches:
+        _lower_kv_cache_creator(bb, caches.pop(), tvm_target)
+    return bb.get()

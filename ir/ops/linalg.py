@@ -1,0 +1,56 @@
+"""Matrix products: NumPy-style batched `matmul`, and `linear` with PyTorch's weight layout."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dims as D
+from ..errors import IRError
+from ..types import TensorType
+from . import rules
+from .registry import as_dtype, define
+
+
+def _matmul_infer(types, attrs):
+    a, b = (rules.tensor(t, "matmul") for t in types)
+    dtype = rules.same_dtype("matmul", [a, b])
+    if a.rank < 2 or b.rank < 2:
+        raise IRError(f"op matmul: operands need rank >= 2, got {a} and {b}")
+    if not D.equal(a.shape[-1], b.shape[-2]):
+        raise IRError(f"op matmul: inner dims differ: {a} @ {b}")
+    batch = rules.broadcast_shapes("matmul", a.shape[:-2], b.shape[:-2])
+    return TensorType(batch + (a.shape[-2], b.shape[-1]), dtype)
+
+
+def _wide(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype.name in ("float16", "bfloat16") else x
+
+
+define("matmul", ("a", "b"), _matmul_infer,
+       lambda values, attrs, out_shape: as_dtype(np.matmul(_wide(values[0]), _wide(values[1])), values[0].dtype.name),
+       "Batched matrix product a @ b with broadcast batch axes.")
+
+
+def _linear_infer(types, attrs):
+    x = rules.tensor(types[0], "linear")
+    w = rules.tensor(types[1], "linear", "weight")
+    if w.rank != 2 or x.rank < 1 or not D.equal(x.shape[-1], w.shape[1]):
+        raise IRError(f"op linear: input {x} does not fit weight {w} (out_features, in_features)")
+    rules.same_dtype("linear", [x, w])
+    if types[2] is not None:
+        bias = rules.tensor(types[2], "linear", "bias")
+        if bias.rank != 1 or not D.equal(bias.shape[0], w.shape[0]) or bias.dtype != x.dtype:
+            raise IRError(f"op linear: bias {bias} does not fit weight {w}")
+    return x.with_shape(x.shape[:-1] + (w.shape[0],))
+
+
+def _linear_reference(values, attrs, out_shape):
+    x, w, bias = values
+    y = _wide(x) @ _wide(w).T
+    if bias is not None:
+        y = y + _wide(bias)
+    return as_dtype(y, x.dtype.name)
+
+
+define("linear", ("x", "weight", "bias?"), _linear_infer, _linear_reference,
+       "x @ weight.T + bias, weight stored (out_features, in_features) as in PyTorch.")

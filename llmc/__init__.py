@@ -1,0 +1,24 @@
+"""llmc: an ahead-of-time compiler for decoder-only LLMs.
+
+`llmc.compile(model, output, targets)` turns a model (built-in name, GGUF file, Hugging
+Face folder or PyTorch module) into a package directory; `llmc.load(package)` loads
+one and returns an engine with `forward`, `generate`, `stream` and `chat`.
+"""
+
+from llmc.ir.errors import LlmcError
+
+
+def compile(model, output, targets=("cpu",), quantization: str = "f32"):  # noqa: A001  (the public verb)
+    from llmc.compiler import compile_model
+    from llmc.passes.pipeline import PassOptions
+
+    return compile_model(model, output, targets, PassOptions(quantization=quantization))
+
+
+def load(path, device: str = "cpu", cache=None):
+    from llmc.runtime.engine import load as load_engine
+
+    return load_engine(path, device, cache)
+
+
+__all__ = ["LlmcError", "compile", "load"]

@@ -1,0 +1,147 @@
+"""The `llmc` command line: compile, inspect, run, chat.
+
+Every command turns llmc's errors into one paragraph on stderr and exit code 1; no
+traceback reaches the user for a problem with their input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from llmc.ir import LlmcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="llmc: compile large language models ahead of time with Apache TVM, and run them.")
+err = Console(stderr=True)
+
+
+def _guarded(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except LlmcError as error:
+        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _threads(threads: Optional[int]) -> None:
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
+@app.command()
+def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m), GGUF file or Hugging Face folder"),
+            output: Path = typer.Option(..., "--output", "-o", help="package directory to write"),
+            target: str = typer.Option("cpu", "--target", "-t", help="comma-separated targets"),
+            quant: str = typer.Option("f32", "--quant", help="weight format: f32")) -> None:
+    """Compile MODEL into a package directory."""
+    def action() -> None:
+        from llmc.compiler import compile_with_progress
+        from llmc.passes.pipeline import PassOptions
+
+        targets = [t.strip() for t in target.split(",") if t.strip()]
+        compile_with_progress(model, output, targets, PassOptions(quantization=quant))
+        err.print(f"wrote {output}")
+    _guarded(action)
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="package directory or model"),
+            ir: bool = typer.Option(False, "--ir", help="print the whole IR")) -> None:
+    """Show a model's IR: functions, symbolic inputs, op counts, parameters."""
+    def action() -> None:
+        from llmc.inspection import describe, load_ir
+
+        module = load_ir(model)
+        typer.echo(describe(module, full_ir=ir))
+    _guarded(action)
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int],
+              stop: List[str], repetition_penalty: float):
+    from llmc.runtime.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          stop=tuple(stop), repetition_penalty=repetition_penalty)
+
+
+def _engine(model: str, device: str):
+    from llmc.package_cache import package_for
+    from llmc.runtime.engine import load
+
+    return load(package_for(model), device=device)
+
+
+@app.command()
+def run(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+        prompt: str = typer.Argument(...),
+        max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 means greedy"),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        top_k: int = typer.Option(0, "--top-k", help="0 means off"),
+        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+        raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object with ids, text and logprobs"),
+        device: str = typer.Option("cpu", "--device"),
+        threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """Generate text from PROMPT, streaming it as it is produced."""
+    def action() -> None:
+        _threads(threads)
+        engine = _engine(model, device)
+        params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
+        if as_json:
+            result = engine.generate(prompt, params, chat=not raw)
+            typer.echo(json.dumps(result.to_json()))
+            return
+        engine.generate(prompt, params, chat=not raw, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+    _guarded(action)
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+         max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+         temperature: float = typer.Option(0.0, "--temperature"),
+         top_p: float = typer.Option(1.0, "--top-p"),
+         seed: Optional[int] = typer.Option(None, "--seed"),
+         system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+         device: str = typer.Option("cpu", "--device"),
+         threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """A multi-turn chat in the terminal (empty line or Ctrl-D to quit)."""
+    def action() -> None:
+        _threads(threads)
+        engine = _engine(model, device)
+        params = _sampling(max_tokens, temperature, top_p, 0, seed, [], 1.0)
+        messages = [{"role": "system", "content": system}] if system else []
+        err.print("chat with the model; an empty line or Ctrl-D ends the chat")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            result = engine.chat(messages, params, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": result.text})
+    _guarded(action)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

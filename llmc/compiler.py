@@ -1,0 +1,101 @@
+"""`llmc.compile`: checkpoint or PyTorch module in, package directory out.
+
+It strings the stages together: load the checkpoint as a PyTorch model, export and
+import it into the IR, run the pass pipeline, save the tokenizer, build one library per
+target and write the package. Each stage reports to a progress display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmc.frontend.checkpoint import load_torch_model, model_config, resolve_model, save_tokenizer
+from llmc.frontend.torch_export import import_torch_model
+from llmc.ir import Module
+from llmc.passes.pipeline import PassOptions, passes, run_pipeline
+from llmc.codegen.package_writer import write_package
+from llmc.targets import get_target
+
+from .progress import NoProgress, Reporter, Stages
+
+DEFAULT_CONTEXT = 4096
+
+
+def context_length(config: dict[str, Any] | None) -> int:
+    """The longest sequence the package accepts: the model's position limit, or its sliding
+    window when that is shorter (within the window, full causal attention is exact)."""
+    if not config:
+        return DEFAULT_CONTEXT
+    length = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", True) is not False:
+        length = min(length, int(window))
+    return length
+
+
+def _model_info(module: Module, name: str, torch_model: Any) -> dict[str, Any]:
+    logits = next(iter(module.functions.values())).outputs[0].type
+    config = model_config(torch_model) if hasattr(torch_model, "config") else None
+    return {
+        "name": name,
+        "architecture": (config.get("architectures") or [type(torch_model).__name__])[0] if config else
+        type(torch_model).__name__,
+        "vocab_size": int(logits.shape[-1]),
+        "context_length": context_length(config),
+        "config": config,
+    }
+
+
+def _eos_ids(torch_model: Any, tokenizer_info: dict[str, Any] | None) -> list[int]:
+    ids = list(tokenizer_info["eos_token_ids"]) if tokenizer_info else []
+    generation = getattr(torch_model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None) if generation is not None else None
+    for token in [extra] if isinstance(extra, int) else list(extra or []):
+        if token not in ids:
+            ids.append(token)
+    return ids
+
+
+def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
+                  options: PassOptions = PassOptions(), progress: Reporter | None = None) -> Path:
+    """Compile `model` (a built-in name, a GGUF file, a Hugging Face folder, or a PyTorch
+    causal LM) for `targets` into the package directory `output`."""
+    output = Path(output)
+    target_objects = [get_target(t) for t in targets]
+    progress = progress or NoProgress()
+    source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
+    if source is not None:
+        progress.stage(f"loading {source.name}")
+        torch_model = load_torch_model(source)
+        name = source.name
+    else:
+        torch_model, name = model, type(model).__name__
+    progress.stage("exporting with torch.export and importing into llmc IR")
+    module = import_torch_model(torch_model)
+    info = _model_info(module, name, torch_model)
+    module = run_pipeline(module, options, on_pass=progress.stage)
+    tokenizer_info = None
+    if source is not None:
+        progress.stage("saving the tokenizer")
+        tokenizer_info = save_tokenizer(source, output)
+    if tokenizer_info is not None:
+        tokenizer_info["eos_token_ids"] = _eos_ids(torch_model, tokenizer_info)
+    progress.stage("writing weights")
+    write_package(module, target_objects, output, info, tokenizer_info,
+                  on_target=lambda t: progress.stage(f"compiling kernels for {t.name} ({t.description})"))
+    progress.finish()
+    return output
+
+
+def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
+                          options: PassOptions = PassOptions()) -> Path:
+    """`compile_model` with a progress bar on stderr (the CLI's way)."""
+    from_checkpoint = isinstance(model, (str, Path))
+    stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + len(passes(options)) + len(targets))
+    try:
+        return compile_model(model, output, targets, options, stages)
+    except BaseException:
+        stages.progress.stop()
+        raise
+

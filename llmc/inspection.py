@@ -1,0 +1,60 @@
+"""`llmc inspect`: a summary of a model's IR (functions, symbolic inputs, op counts, weights).
+
+It reads a compiled package's graph, or imports a model (without compiling it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from llmc.ir import Module, module_from_json, print_module
+from llmc.ir import dims as D
+from llmc.ir.types import TensorType, numpy_dtype
+from llmc.runtime.package import GRAPH_FILE, WEIGHTS_FILE, is_package
+
+
+def load_ir(model: str) -> Module:
+    if is_package(model):
+        directory = Path(model)
+        with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as weights:
+            arrays = {name: weights.get_tensor(name) for name in weights.keys()}
+        return module_from_json((directory / GRAPH_FILE).read_text(), arrays)
+    from llmc.frontend.checkpoint import load_torch_model, resolve_model
+    from llmc.frontend.torch_export import import_torch_model
+
+    return import_torch_model(load_torch_model(resolve_model(model)))
+
+
+def _size(count: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if count < 1000:
+            return f"{count:.1f}{unit}" if unit else f"{count:.0f}"
+        count /= 1000
+    return f"{count:.1f}T"
+
+
+def describe(module: Module, full_ir: bool = False) -> str:
+    if full_ir:
+        return print_module(module)
+    lines = []
+    types = module.param_types()
+    elements = sum(int(np.prod(t.shape)) for t in types.values())
+    nbytes = sum(int(np.prod(t.shape)) * numpy_dtype(t.dtype).itemsize for t in types.values())
+    lines.append(f"parameters: {len(types)} tensors, {_size(elements)} elements, {_size(nbytes)}B")
+    symbols = sorted({s for g in module.functions.values() for n in g.inputs if isinstance(n.type, TensorType)
+                      for d in n.type.shape for s in D.free_symbols(d)})
+    lines.append(f"symbolic dims: {', '.join(symbols) or 'none'}")
+    for graph in module.functions.values():
+        inputs = ", ".join(f"{n.name}: {n.type}" for n in graph.inputs)
+        outputs = ", ".join(str(n.type) for n in graph.outputs)
+        lines.append(f"\nfunction {graph.name}({inputs}) -> {outputs}")
+        counts = graph.op_counts()
+        counts.pop("input", None)
+        counts.pop("param", None)
+        lines.append(f"  {sum(counts.values())} ops: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+    if module.metadata.get("kv_cache"):
+        lines.append(f"\nkv cache: {module.metadata['kv_cache']}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Where `llmc run MODEL` and `llmc chat MODEL` keep the package they compile on first use.
+
+The cache key covers what decides the package's contents: the resolved model file or
+folder (path, size, modification time), the IR version, the target and the options.
+`LLMC_CACHE_DIR` moves the cache (default: ~/.cache/llmc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from llmc.frontend.checkpoint import resolve_model
+from llmc.ir import IR_VERSION
+from llmc.passes.pipeline import PassOptions
+from llmc.runtime.package import Package, PackageError, is_package
+
+from .compiler import compile_with_progress
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMC_CACHE_DIR", Path.home() / ".cache" / "llmc"))
+
+
+def _fingerprint(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def package_for(model: str, target: str = "cpu", options: PassOptions = PassOptions()) -> Path:
+    """A package directory for `model`: the model itself if it is one, else a cached compile."""
+    if is_package(model):
+        return Path(model)
+    source = resolve_model(model)
+    key = f"{_fingerprint(source.path)}|ir{IR_VERSION}|{target}|{options}"
+    directory = cache_root() / f"{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if is_package(directory):
+        try:
+            Package.open(directory)
+            return directory
+        except PackageError:
+            pass
+    Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)")
+    return compile_with_progress(model, directory, [target], options)

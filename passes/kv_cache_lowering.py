@@ -1,0 +1,199 @@
+"""KV-cache lowering: turn the stateless `forward(input_ids) -> logits` into `prefill` and
+`decode` entry points that work on a batch of sequences over a paged KV cache.
+
+The imported graph computes attention over the whole sequence with a causal mask. This
+pass finds every attention (whole, or spelled out: see attention_patterns), checks that
+its mask is causal, takes K and V from before their grouped-query expansion, and
+replaces it with `paged_attention`, which appends K and V to the cache of its layer and
+attends over each sequence's cached tokens. The tokens of all sequences in a step are
+packed along the sequence axis, so every other op stays per-token; the positions that
+fed the rotary embedding (`arange` over the sequence) become an input that the runtime
+fills with each token's position in its own sequence. `prefill` also takes the rows
+whose logits are wanted and gathers them before the output head; `decode` is the same
+step with one token per sequence, its token count renamed `batch`, so codegen can pick
+GEMV schedules for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc.ir import (Graph, GraphBuilder, KVCacheType, LlmcError, Module, Node, TensorType, clone_with, run_graph,
+                     verify_module)
+from llmc.ir import dims as D
+from llmc.ir.graph import substitute_dims
+
+from . import attention_patterns
+from .rewrite import Rule, builder_for, match, op, rewrite, var
+
+SEQ = "seq"
+BATCH = "batch"
+ROWS = "rows"
+MASK_CHECK_LENGTHS = (1, 6, 17)
+# Ops that act on each token's logits alone, which may follow the output head (casts, softcapping).
+PER_TOKEN_TAIL_OPS = {"cast", "multiply", "divide", "add", "subtract", "tanh"}
+
+
+class KVCacheLoweringError(LlmcError):
+    """An attention the pass cannot lower, named with its node."""
+
+
+def _where(node: Node) -> str:
+    return f"%{node.name}" + (f" ({node.source})" if node.source else "")
+
+
+def _unrepeated(node: Node) -> Node:
+    """K or V before repeat_kv: reshape(broadcast_to(reshape(x))) that copies each head `group` times."""
+    expansion = op("reshape", op("broadcast_to", op("reshape", var("x"))))
+    bindings = match(expansion, node)
+    if bindings is None:
+        return node
+    x = bindings["x"]
+    inserted = x.type.shape[:2] + (1,) + x.type.shape[2:]
+    inner = node.inputs[0].inputs[0]
+    if x.type.rank != 4 or inner.type.rank != 5 or not all(D.equal(a, b) for a, b in zip(inner.type.shape, inserted)):
+        return node
+    return x
+
+
+def _mask_is_causal(graph: Graph, attention: Node, weights: dict[str, np.ndarray]) -> bool:
+    mask = attention.inputs[3]
+    if mask is None:
+        return bool(attention.attrs["causal"])
+    probe = Graph("mask_probe", graph.inputs, [mask])
+    for length in MASK_CHECK_LENGTHS:
+        inputs = {n.name: np.zeros(n.type.concrete_shape({SEQ: length}), dtype=np.int64) for n in graph.inputs}
+        value = np.asarray(run_graph(probe, inputs, weights)[0])
+        keep = value if value.dtype == np.bool_ else value > -1e30
+        if value.dtype != np.bool_ and np.any((value != 0) & keep):
+            return False
+        causal = np.tril(np.ones((length, length), dtype=bool))
+        if attention.attrs["causal"]:
+            keep = keep & causal
+        if keep.shape[-2:] != (length, length) or not np.all(keep == causal):
+            return False
+    return True
+
+
+def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim) -> tuple[list[Node], KVCacheType]:
+    attentions = [n for n in graph.nodes if n.op == "attention"]
+    if not attentions:
+        raise KVCacheLoweringError("the model has no attention llmc recognises (scaled_dot_product_attention or "
+                                   "softmax(q @ k^T * scale + mask) @ v), so it cannot get a KV cache")
+    shapes = set()
+    for node in attentions:
+        q, k, v = node.inputs[0], _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2])
+        if q.type.shape[0] != 1 or not D.equal(q.type.shape[2], seq):
+            raise KVCacheLoweringError(f"attention {_where(node)}: its queries {q.type} are not (1, heads, seq, dim)")
+        if not (D.equal(k.type.shape[2], seq) and D.equal(v.type.shape[2], seq)):
+            raise KVCacheLoweringError(f"attention {_where(node)} does not attend over the input sequence itself "
+                                       f"(keys {k.type}); only causal self-attention can use a KV cache")
+        if q.type.shape[1] % k.type.shape[1] or k.type.shape[1] != v.type.shape[1]:
+            raise KVCacheLoweringError(f"attention {_where(node)}: {q.type.shape[1]} query heads cannot share "
+                                       f"{k.type.shape[1]} key and {v.type.shape[1]} value heads")
+        if q.type.shape[3] != v.type.shape[3]:
+            raise KVCacheLoweringError(f"attention {_where(node)}: keys and values of different widths are not "
+                                       "supported")
+        if not _mask_is_causal(graph, node, weights):
+            raise KVCacheLoweringError(f"attention {_where(node)}: its mask is not the causal mask, so llmc cannot "
+                                       "replace it with the KV cache's causal attention")
+        shapes.add((q.type.shape[1], k.type.shape[1], q.type.shape[3], q.type.dtype))
+    if len(shapes) != 1:
+        raise KVCacheLoweringError(f"the attention layers differ in heads or head size ({sorted(shapes)}); "
+                                   "llmc's paged KV cache needs them equal")
+    q_heads, kv_heads, head_dim, dtype = shapes.pop()
+    return attentions, KVCacheType(len(attentions), q_heads, kv_heads, head_dim, dtype)
+
+
+def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, seq: D.Dim) -> Graph:
+    """The forward graph over packed tokens, reading and appending the KV cache."""
+    (input_ids,) = graph.inputs
+    positions = builder.input("positions", TensorType((seq,), "int64"))
+    cache = builder.input("kv_cache", cache_type)
+    layers = iter(range(cache_type.num_layers))
+
+    def paged(b: GraphBuilder, m: dict[str, Node]) -> Node:
+        node = m["attention"]
+        q = node.inputs[0]
+        scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(q.type.shape[3])
+        k, v = _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2])
+        return b.op("paged_attention", [q, k, v, cache], {"layer": next(layers), "scale": float(scale)},
+                    name=node.name, source=node.source)
+
+    def position(b: GraphBuilder, m: dict[str, Node]) -> Node:
+        node = m["arange"]
+        if node.attrs["start"] != 0 or node.attrs["step"] != 1 or not D.equal(node.attrs["end"], seq):
+            return None
+        return positions if node.type.dtype == "int64" else b.op("cast", [positions], {"dtype": node.type.dtype})
+
+    rules = [Rule("paged_attention", op("attention", var(), var(), var(), name="attention"), paged),
+             Rule("positions", op("arange", name="arange"), position)]
+    stepped = rewrite(graph, rules, builder, max_rounds=1)
+    return Graph(graph.name, [stepped.inputs[0], positions, cache], stepped.outputs)
+
+
+def _head_chain(output: Node) -> list[Node]:
+    """The output head `linear` and the per-token ops after it, head first; [] if there is none."""
+    chain = []
+    node = output
+    while node.op in PER_TOKEN_TAIL_OPS:
+        tensors = [i for i in node.inputs if i is not None and i.op != "constant"]
+        if len(tensors) != 1:
+            return []
+        chain.append(node)
+        node = tensors[0]
+    return [node] + chain[::-1] if node.op == "linear" else []
+
+
+def _prefill(step: Graph, builder: GraphBuilder) -> Graph:
+    logits = step.outputs[0]
+    rows = builder.input("logit_rows", TensorType((D.symbol(ROWS),), "int64"))
+    chain = _head_chain(logits)
+    if chain:
+        hidden = chain[0].inputs[0]
+        value = builder.op("take", [hidden, rows], {"axis": 1}, name="logit_hidden")
+        previous = hidden
+        for node in chain:
+            previous, value = node, clone_with(node, [value if i is previous else i for i in node.inputs])
+    else:
+        value = builder.op("take", [logits, rows], {"axis": 1}, name="logit_rows_taken")
+    vocab = logits.type.shape[-1]
+    out = builder.op("reshape", [value], {"shape": [D.symbol(ROWS), vocab]}, name="logits")
+    return Graph("prefill", [step.inputs[0], step.inputs[1], rows, step.inputs[2]], [out])
+
+
+def _decode(step: Graph) -> Graph:
+    renamed = substitute_dims(step, {SEQ: D.symbol(BATCH)}, name="decode")
+    builder = builder_for(renamed)
+    logits = renamed.outputs[0]
+    out = builder.op("reshape", [logits], {"shape": [D.symbol(BATCH), logits.type.shape[-1]]}, name="logits")
+    return Graph("decode", renamed.inputs, [out])
+
+
+def lower_kv_cache(module: Module) -> Module:
+    """`forward(input_ids)` -> `prefill(input_ids, positions, logit_rows, kv_cache)` and
+    `decode(input_ids, positions, kv_cache)`, both returning logits of shape (rows, vocab)."""
+    forward = module.functions.get("forward")
+    if forward is None or len(forward.inputs) != 1 or not isinstance(forward.inputs[0].type, TensorType):
+        raise KVCacheLoweringError("KV-cache lowering needs a module with forward(input_ids)")
+    ids = forward.inputs[0].type
+    seq = D.symbol(SEQ)
+    if ids.rank != 2 or ids.shape[0] != 1 or not D.equal(ids.shape[1], seq) or ids.dtype not in ("int64", "int32"):
+        raise KVCacheLoweringError(f"forward's input must be token ids of shape (1, seq), got {ids}")
+    if len(forward.outputs) != 1 or forward.outputs[0].type.rank != 3:
+        raise KVCacheLoweringError("forward must return one tensor of logits (1, seq, vocab)")
+    graph = rewrite(forward, attention_patterns.RULES)
+    _, cache_type = _attention_layers(graph, module.weights, seq)
+    builder = builder_for(graph)
+    step = _step_graph(graph, cache_type, builder, seq)
+    functions = {"prefill": _prefill(step, builder), "decode": _decode(step)}
+    used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
+    lowered = Module(functions, {k: v for k, v in module.weights.items() if k in used},
+                     {**module.metadata, "kv_cache": {"num_layers": cache_type.num_layers,
+                                                      "num_q_heads": cache_type.num_q_heads,
+                                                      "num_kv_heads": cache_type.num_kv_heads,
+                                                      "head_dim": cache_type.head_dim, "dtype": cache_type.dtype}})
+    verify_module(lowered)
+    return lowered

@@ -1,0 +1,129 @@
+"""The Python API over a package: score, generate, stream and chat.
+
+`llmc.load(DIR)` returns an `Engine`. `forward(ids)` gives the logits of every position
+(perplexity and scoring); `generate` and `chat` run one request at a time (prefill in
+chunks, then decode) and can stream text through a callback; `stream` yields the text
+pieces as they come.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from llmc.ir import LlmcError
+
+from .chat_template import ChatTemplate, Message
+from .model import CacheSettings, CompiledModel, ContextOverflow
+from .package import Package
+from .request import Generation, Request
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Engine:
+    def __init__(self, path: str | Path, device: str = "cpu", cache: CacheSettings | None = None):
+        self.package = Package.open(path)
+        self.model = CompiledModel(self.package, device, cache)
+        info = self.package.metadata.get("tokenizer") or {}
+        self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
+        self.tokenizer = (Tokenizer(self.package.path / info.get("file", TOKENIZER_FILE), info.get("bos_token_id"),
+                                    self.eos_ids) if info else None)
+        template = info.get("chat_template")
+        self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
+                                                      "eos_token": info.get("eos_token")}) if template else None)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise LlmcError(f"the package {self.package.path} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
+
+    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+        if self.chat_template is None:
+            raise LlmcError("the model has no chat template; send the prompt as raw text")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt=True))
+
+    def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids for `prompt`: given ids as they are; text as is, or as one user message in
+        the chat template when `chat` and the model has one."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if chat and self.chat_template is not None:
+            return self.chat_prompt([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def forward(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits of every position, shape (len(input_ids), vocab)."""
+        ids = [int(t) for t in np.asarray(input_ids).reshape(-1)]
+        if not ids:
+            raise LlmcError("forward needs at least one token")
+        self._check_length(len(ids))
+        return self.model.score(ids)
+
+    def _check_length(self, count: int) -> None:
+        if count > self.context_length:
+            raise ContextOverflow(f"the prompt has {count} tokens, more than the model's context window of "
+                                  f"{self.context_length} tokens")
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _run(self, request: Request) -> Iterator[str]:
+        self._check_length(len(request.prompt_ids) + 1)
+        cache = self.model.cache
+        seq_id = cache.add_sequence()
+        try:
+            ids, chunk = request.prompt_ids, cache.prefill_chunk
+            logits = None
+            for start in range(0, len(ids), chunk):
+                logits = self.model.step([seq_id], [ids[start:start + chunk]])
+            while True:
+                text = request.accept(logits[0])
+                if text:
+                    yield text
+                if request.done:
+                    return
+                logits = self.model.step([seq_id], [[request.next_input]])
+        finally:
+            cache.remove_sequence(seq_id)
+
+    def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
+        if not prompt_ids:
+            raise LlmcError("the prompt is empty")
+        return Request(prompt_ids, params or SamplingParams(), self.tokenizer, self.eos_ids, self.context_length)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, chat: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        request = self._request(self.prompt_ids(prompt, chat), params)
+        for text in self._run(request):
+            if on_text is not None:
+                on_text(text)
+        return request.result()
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[str]:
+        yield from self._run(self._request(self.prompt_ids(prompt, chat), params))
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+        request = self._request(self.chat_prompt(messages), params)
+        for text in self._run(request):
+            if on_text is not None:
+                on_text(text)
+        return request.result()
+
+
+def load(path: str | Path, device: str = "cpu", cache: CacheSettings | None = None) -> Engine:
+    return Engine(path, device, cache)

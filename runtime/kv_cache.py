@@ -1,0 +1,77 @@
+"""The paged KV cache as the runtime drives it.
+
+The cache object itself (pages, page tables, attention kernels) is created by the
+compiled library's `create_kv_cache` and lives in TVM's runtime; this class keeps the
+Python side: which sequences exist, how long each is, how many pages are free, and the
+begin/end protocol around each forward step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import tvm
+from tvm.runtime import ShapeTuple
+
+from llmc.ir import LlmcError
+
+_BUILTIN = "vm.builtin."
+
+
+def _builtin(name: str):
+    return tvm.get_global_func(_BUILTIN + name)
+
+
+class PagedKVCache:
+    def __init__(self, vm: Any, max_batch_size: int, max_total_tokens: int, prefill_chunk: int, page_size: int):
+        self.page_size = page_size
+        self.max_total_tokens = max_total_tokens
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.handle = vm["create_kv_cache"](ShapeTuple([max_batch_size]), ShapeTuple([max_total_tokens]),
+                                            ShapeTuple([prefill_chunk]), ShapeTuple([page_size]), ShapeTuple([0]))
+        self._add = _builtin("kv_state_add_sequence")
+        self._remove = _builtin("kv_state_remove_sequence")
+        self._begin = _builtin("kv_state_begin_forward")
+        self._end = _builtin("kv_state_end_forward")
+        self._popn = _builtin("kv_state_popn")
+        self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
+        self.lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    def add_sequence(self) -> int:
+        if len(self.lengths) >= self.max_batch_size:
+            raise LlmcError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
+        seq_id = self._next_id
+        self._next_id += 1
+        self._add(self.handle, seq_id)
+        self.lengths[seq_id] = 0
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._remove(self.handle, seq_id)
+        del self.lengths[seq_id]
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the tokens after the first `length` of a sequence."""
+        drop = self.lengths[seq_id] - length
+        if drop > 0:
+            self._popn(self.handle, seq_id, drop)
+            self.lengths[seq_id] = length
+
+    def free_pages(self) -> int:
+        return int(self._free_pages(self.handle))
+
+    def total_pages(self) -> int:
+        return -(-self.max_total_tokens // self.page_size)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
+        self._begin(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(counts)), None)
+
+    def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
+        self._end(self.handle)
+        for seq_id, count in zip(seq_ids, counts):
+            self.lengths[seq_id] += count

@@ -1,0 +1,96 @@
+"""The package directory that `llmc compile` writes and the runtime loads, and its checks.
+
+A package holds `llmc.json` (metadata: model config, IR version, targets and their
+libraries, the weights' hash, tokenizer settings, entry points), `weights.safetensors`,
+one library per target, `tokenizer.json` and `graph.json` (the IR, for `llmc inspect`).
+Opening a package checks what can be wrong with it (missing files, another IR version,
+weights that don't match their hash) and says so in one message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.ir import IR_VERSION, LlmcError
+
+PACKAGE_FORMAT = 1
+METADATA_FILE = "llmc.json"
+WEIGHTS_FILE = "weights.safetensors"
+GRAPH_FILE = "graph.json"
+
+
+class PackageError(LlmcError):
+    """A package directory that cannot be used as it is."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_package(path: str | Path) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+@dataclass
+class Package:
+    path: Path
+    metadata: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Package":
+        path = Path(path)
+        meta_file = path / METADATA_FILE
+        if not meta_file.is_file():
+            raise PackageError(f"{path} is not an llmc package: it has no {METADATA_FILE}")
+        try:
+            metadata = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise PackageError(f"{meta_file} is corrupt: {error}") from None
+        if metadata.get("package_format") != PACKAGE_FORMAT:
+            raise PackageError(f"{path} has package format {metadata.get('package_format')}; "
+                               f"this llmc reads format {PACKAGE_FORMAT}. Recompile the model.")
+        if metadata.get("llmc_ir_version") != IR_VERSION:
+            raise PackageError(f"{path} was built for llmc IR version {metadata.get('llmc_ir_version')}; this llmc "
+                               f"uses IR version {IR_VERSION}. Recompile the model with this llmc.")
+        for name in [WEIGHTS_FILE] + [t["library"] for t in metadata["targets"].values()]:
+            if not (path / name).is_file():
+                raise PackageError(f"{path} is incomplete: {name} is missing")
+        return cls(path, metadata)
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.metadata["targets"])
+
+    def library_path(self, target: str) -> Path:
+        if target not in self.metadata["targets"]:
+            raise PackageError(f"{self.path} has no library for device {target!r}; it was compiled for "
+                               f"{', '.join(self.target_names)}")
+        return self.path / self.metadata["targets"][target]["library"]
+
+    def load_weights(self) -> dict[str, np.ndarray]:
+        """The weights, after checking the file against the hash recorded at compile time."""
+        from safetensors.numpy import load_file
+
+        weights_file = self.path / WEIGHTS_FILE
+        expected = self.metadata["weights"]["sha256"]
+        if file_sha256(weights_file) != expected:
+            raise PackageError(f"{weights_file} does not match the hash recorded when the package was built: "
+                               "the file is corrupt or was replaced. Recompile the model.")
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as error:  # safetensors raises its own error types
+            raise PackageError(f"{weights_file} cannot be read: {error}") from None
+        missing = [n for n in self.metadata["weights"]["order"] if n not in weights]
+        if missing:
+            raise PackageError(f"{weights_file} lacks weight {missing[0]!r}")
+        return weights

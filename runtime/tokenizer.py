@@ -1,0 +1,65 @@
+"""Tokenizer of a package (`tokenizer.json`, through `tokenizers`) and streaming detokenization.
+
+`TextStream` turns a growing list of token ids into text pieces as they become final:
+a token that ends in the middle of a multi-byte character yields nothing until the
+character is complete, so a stream never shows a replacement character that the full
+decode would not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from llmc.ir import LlmcError
+
+INCOMPLETE = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, path: Path, bos_token_id: int | None = None, eos_token_ids: Sequence[int] = ()):
+        if not path.is_file():
+            raise LlmcError(f"the package has no tokenizer ({path.name} is missing); pass token ids instead of text")
+        try:
+            self.backend = HFTokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises its own Exception subclass
+            raise LlmcError(f"{path} is not a valid tokenizer.json: {error}") from None
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = list(eos_token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+class TextStream:
+    """Incremental detokenizer: `push(token)` returns the text that token completes."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self._prefix:self._read])
+        after = self.tokenizer.decode(self.tokens[self._prefix:])
+        if len(after) > len(before) and not after.endswith(INCOMPLETE):
+            self._prefix, self._read = self._read, len(self.tokens)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character stays as the replacement character)."""
+        before = self.tokenizer.decode(self.tokens[self._prefix:self._read])
+        after = self.tokenizer.decode(self.tokens[self._prefix:])
+        self._prefix = self._read = len(self.tokens)
+        return after[len(before):]
