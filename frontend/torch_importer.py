@@ -34,9 +34,10 @@ def source_line(fx_node: torch.fx.Node) -> str | None:
     """'file.py:123 in fn: code' for the model line that produced the node, if recorded."""
     trace = fx_node.meta.get("stack_trace") or ""
     matches = list(re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace))
+    model_frames = [m for m in matches if "/torch/" not in m.group(1)]
     if not matches:
         return None
-    path, line, function, code = matches[-1].groups()
+    path, line, function, code = (model_frames or matches)[-1].groups()
     return f"{path.rsplit('/', 1)[-1]}:{line} in {function}: {code.strip()}"
 
 
@@ -53,7 +54,12 @@ def check_supported(program: ExportedProgram) -> None:
             unknown.append((str(node.target), node.name, source_line(node)))
     if unknown:
         kinds = sorted({u[0] for u in unknown})
-        lines = [f"  {target} at node {name}" + (f" ({src})" if src else "") for target, name, src in unknown]
+        lines = []
+        for kind in kinds:
+            uses = [u for u in unknown if u[0] == kind]
+            _, name, src = uses[0]
+            more = f", and {len(uses) - 1} more node(s)" if len(uses) > 1 else ""
+            lines.append(f"  {kind}: node {name}" + (f" at {src}" if src else "") + more)
         raise UnsupportedOpsError(
             f"the model uses {len(kinds)} PyTorch op(s) llmc cannot import yet: {', '.join(kinds)}.\n"
             + "\n".join(lines))

@@ -187,6 +187,23 @@ def _cumsum(em, args, kwargs, val):
     return em.op("cumsum", [args[0]], {"axis": args[1], "dtype": torch_dtype(val.dtype)})
 
 
+@converts("aten.layer_norm.default")
+def _layer_norm(em, args, kwargs, val):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, args), **kwargs)
+    x = bound["input"]
+    axes = list(range(-len(bound["normalized_shape"]), 0))
+    centered = em.binary("subtract", x, em.op("mean", [x], {"axes": axes, "keepdims": True}), val)
+    variance = em.op("mean", [em.binary("multiply", centered, centered, val)], {"axes": axes, "keepdims": True})
+    scale = em.op("rsqrt", [em.binary("add", variance, float(bound.get("eps", 1e-5)), val)])
+    y = em.binary("multiply", centered, scale, val)
+    if bound.get("weight") is not None:
+        y = em.binary("multiply", y, bound["weight"], val)
+    if bound.get("bias") is not None:
+        y = em.binary("add", y, bound["bias"], val)
+    return y
+
+
 # ---- linear algebra ------------------------------------------------------------------------------
 
 @converts("aten.linear.default")
@@ -244,6 +261,11 @@ def _transpose(em, args, kwargs, val):
     a, b = args[1] % rank, args[2] % rank
     axes[a], axes[b] = axes[b], axes[a]
     return em.op("permute", [args[0]], {"axes": axes})
+
+
+@converts("aten.numpy_T.default")
+def _numpy_t(em, args, kwargs, val):
+    return em.op("permute", [args[0]], {"axes": list(range(args[0].type.rank))[::-1]})
 
 
 @converts("aten.t.default")

@@ -30,7 +30,7 @@ class Stages:
     def __init__(self, title: str, total: int):
         self.console = Console(stderr=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
         self.title = title
         self.task = self.progress.add_task(title, total=total)
         self.started = time.perf_counter()

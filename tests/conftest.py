@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random-weight models built from transformers configs, their
+compiled packages (one compile per model per test session), and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import build_tiny
+
+torch.set_num_threads(2)
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """name -> the PyTorch model (built once per session)."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            cache[name] = build_tiny(name)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_model, tmp_path_factory):
+    """name -> the directory of that tiny model compiled for the CPU."""
+    from llmc.compiler import compile_model
+
+    cache: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            cache[name] = str(compile_model(tiny_model(name), tmp_path_factory.mktemp(name) / "pkg"))
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def llmc_cache_dir(tmp_path_factory):
+    """A package cache shared by the tests that compile the bundled SmolLM2 (compiled once)."""
+    path = tmp_path_factory.mktemp("llmc-cache")
+    os.environ["LLMC_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_package(llmc_cache_dir):
+    from llmc.package_cache import package_for
+
+    return str(package_for("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """SmolLM2 as transformers loads the bundled GGUF (float32), and its tokenizer."""
+    from llmc.frontend.checkpoint import load_torch_model, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.folder), gguf_file=source.path.name)
+    return load_torch_model(source), tokenizer
+

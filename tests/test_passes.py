@@ -1,0 +1,143 @@
+"""Passes, each checked by running the IR interpreter before and after on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.frontend.torch_export import import_torch_model
+from llmc.ir import GraphBuilder, Graph, KVCacheType, ReferenceKVCache, TensorType, run, run_graph
+from llmc.ir import dims as D
+from llmc.passes import attention_patterns
+from llmc.passes.kv_cache_lowering import KVCacheLoweringError, lower_kv_cache
+from llmc.passes.rewrite import Rule, match, op, rewrite, var
+from tiny_models import build_tiny
+
+TOL = 1e-5
+
+
+def test_rewrite_applies_rules_until_nothing_changes():
+    b = GraphBuilder()
+    x = b.input("x", TensorType((4,), "float32"))
+    y = b.op("negative", [b.op("negative", [b.op("negative", [b.op("negative", [x])])])])
+    double_negation = Rule("double negation", op("negative", op("negative", var("x"))), lambda _, m: m["x"])
+    result = rewrite(Graph("f", [x], [y]), [double_negation])
+    assert result.outputs[0] is x
+
+
+def test_patterns_match_commutative_operands():
+    b = GraphBuilder()
+    x = b.input("x", TensorType((4,), "float32"))
+    two = b.op("constant", [], {"value": 2.0, "dtype": "float32"})
+    product = b.op("multiply", [two, x])
+    assert match(var("x") * 2.0, product)["x"] is x
+
+
+def _kv_reference(module, seq_ids=(0,)):
+    cache = ReferenceKVCache(KVCacheType(**module.metadata["kv_cache"]))
+    for s in seq_ids:
+        cache.add_sequence(s)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied"])
+def test_kv_lowering_keeps_the_logits(name):
+    model = build_tiny(name)
+    module = import_torch_model(model)
+    lowered = lower_kv_cache(module)
+    ids = np.random.default_rng(3).integers(0, 512, (1, 13))
+    (expected,) = run(module, "forward", {"input_ids": ids})
+    cache = _kv_reference(lowered)
+    pieces = []
+    for start, end in ((0, 5), (5, 12)):
+        cache.begin_forward([0], [end - start])
+        (logits,) = run(lowered, "prefill", {"input_ids": ids[:, start:end], "positions": np.arange(start, end),
+                                             "logit_rows": np.arange(end - start), "kv_cache": cache})
+        pieces.append(logits)
+    cache.begin_forward([0], [1])
+    (last,) = run(lowered, "decode", {"input_ids": ids[:, 12:], "positions": np.array([12]), "kv_cache": cache})
+    pieces.append(last)
+    np.testing.assert_allclose(np.concatenate(pieces), expected[0], atol=TOL, rtol=0)
+
+
+def test_kv_lowering_batches_sequences_of_different_lengths():
+    module = import_torch_model(build_tiny("llama_gqa_tied"))
+    lowered = lower_kv_cache(module)
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 512, (1, 6)), rng.integers(0, 512, (1, 9))
+    cache = _kv_reference(lowered, seq_ids=(0, 1))
+    cache.begin_forward([0, 1], [6, 9])
+    (rows,) = run(lowered, "prefill", {"input_ids": np.concatenate([a, b], 1),
+                                       "positions": np.concatenate([np.arange(6), np.arange(9)]),
+                                       "logit_rows": np.array([5, 14]), "kv_cache": cache})
+    np.testing.assert_allclose(rows[0], run(module, "forward", {"input_ids": a})[0][0, -1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(rows[1], run(module, "forward", {"input_ids": b})[0][0, -1], atol=TOL, rtol=0)
+
+
+def test_kv_lowering_types_name_batch_for_decode():
+    lowered = lower_kv_cache(import_torch_model(build_tiny("llama_mha_tied")))
+    assert set(lowered.functions) == {"prefill", "decode"}
+    decode = lowered.functions["decode"]
+    assert [str(n.type) for n in decode.inputs[:2]] == ["i64[1, batch]", "i64[batch]"]
+    assert str(decode.outputs[0].type) == "f32[batch, 512]"
+    prefill = lowered.functions["prefill"]
+    assert str(prefill.outputs[0].type) == "f32[rows, 512]"
+    assert lowered.metadata["kv_cache"]["num_kv_heads"] == 4
+
+
+def test_attention_written_out_eagerly_is_recognised():
+    model = build_tiny("llama_gqa_untied", attn_implementation="eager")
+    module = import_torch_model(model)
+    assert "attention" not in module.functions["forward"].op_counts()
+    lowered = lower_kv_cache(module)
+    assert lowered.functions["decode"].op_counts()["paged_attention"] == 2
+
+
+class BidirectionalAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(1, -1, 2, 8).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        return self.head(y.transpose(1, 2).reshape(1, -1, 16))
+
+
+def test_non_causal_attention_is_refused_with_its_node():
+    module = import_torch_model(BidirectionalAttention())
+    with pytest.raises(KVCacheLoweringError, match="not the causal mask|scaled_dot_product_attention"):
+        lower_kv_cache(module)
+
+
+def test_model_without_attention_is_refused():
+    class NoAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(32, 16)
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    with pytest.raises(KVCacheLoweringError, match="no attention"):
+        lower_kv_cache(import_torch_model(NoAttention()))
+
+
+def test_attention_patterns_build_attention_nodes():
+    rng = np.random.default_rng(5)
+    b = GraphBuilder()
+    q = b.input("q", TensorType((1, 2, 5, 4), "float32"))
+    k = b.input("k", TensorType((1, 2, 5, 4), "float32"))
+    v = b.input("v", TensorType((1, 2, 5, 4), "float32"))
+    scores = b.op("matmul", [q, b.op("permute", [k], {"axes": [0, 1, 3, 2]})])
+    scaled = b.op("multiply", [scores, b.op("constant", [], {"value": 0.5, "dtype": "float32"})])
+    out = b.op("matmul", [b.op("softmax", [scaled], {"axis": -1}), v])
+    graph = Graph("f", [q, k, v], [out])
+    rewritten = rewrite(graph, attention_patterns.RULES)
+    assert rewritten.op_counts().get("attention") == 1
+    inputs = {n: rng.standard_normal((1, 2, 5, 4)).astype(np.float32) for n in "qkv"}
+    np.testing.assert_allclose(run_graph(rewritten, inputs, {})[0], run_graph(graph, inputs, {})[0], atol=1e-6)
+    assert D.equal(rewritten.outputs[0].type.shape[2], 5)
+
