@@ -126,15 +126,33 @@ def load_torch_model(source: ModelSource) -> Any:
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve_tokenizer(spec: str) -> ModelSource:
+    """Where to take a tokenizer from: a folder holding tokenizer files, a tokenizer.json, or a model."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name == "tokenizer.json":
+        return ModelSource("hf", path.parent, path.parent.name)
+    if path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES):
+        return ModelSource("hf", path, path.name)
+    return resolve_model(spec)
+
+
+def has_tokenizer(source: ModelSource) -> bool:
+    return source.kind == "gguf" or any((source.folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def save_tokenizer(source: ModelSource, destination: Path) -> dict[str, Any]:
-    """Write tokenizer.json (and the chat template) into `destination`; return what the runtime needs."""
+    """Write tokenizer.json of `source` into `destination`; return what the runtime needs
+    (special tokens, chat template)."""
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
-    except Exception as error:  # a model without a usable tokenizer is still compilable
+    except Exception as error:  # transformers raises many types for unusable tokenizers
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LlmcError(f"could not load the tokenizer of {source.path}: {message}") from None
     if not getattr(tokenizer, "is_fast", False):

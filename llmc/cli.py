@@ -42,14 +42,16 @@ def _threads(threads: Optional[int]) -> None:
 def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m), GGUF file or Hugging Face folder"),
             output: Path = typer.Option(..., "--output", "-o", help="package directory to write"),
             target: str = typer.Option("cpu", "--target", "-t", help="comma-separated targets"),
-            quant: str = typer.Option("f32", "--quant", help="weight format: f32")) -> None:
+            quant: str = typer.Option("f32", "--quant", help="weight format: f32"),
+            tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                                    help="folder or tokenizer.json to take the tokenizer from")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
         from llmc.compiler import compile_with_progress
         from llmc.passes.pipeline import PassOptions
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
-        compile_with_progress(model, output, targets, PassOptions(quantization=quant))
+        compile_with_progress(model, output, targets, PassOptions(quantization=quant), tokenizer)
         err.print(f"wrote {output}")
     _guarded(action)
 

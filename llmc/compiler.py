@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmc.frontend.checkpoint import load_torch_model, model_config, resolve_model, save_tokenizer
+from llmc.frontend.checkpoint import (has_tokenizer, load_torch_model, model_config, resolve_model, resolve_tokenizer,
+                                      save_tokenizer)
+from llmc.frontend.gguf_speedup import shared_gguf_readers
 from llmc.frontend.torch_export import import_torch_model
 from llmc.ir import Module
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
@@ -58,13 +60,22 @@ def _eos_ids(torch_model: Any, tokenizer_info: dict[str, Any] | None) -> list[in
 
 
 def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
-                  options: PassOptions = PassOptions(), progress: Reporter | None = None) -> Path:
+                  options: PassOptions = PassOptions(), progress: Reporter | None = None,
+                  tokenizer: str | Path | None = None) -> Path:
     """Compile `model` (a built-in name, a GGUF file, a Hugging Face folder, or a PyTorch
-    causal LM) for `targets` into the package directory `output`."""
-    output = Path(output)
-    target_objects = [get_target(t) for t in targets]
-    progress = progress or NoProgress()
+    causal LM) for `targets` into the package directory `output`. The tokenizer comes from
+    `tokenizer` (a folder with tokenizer.json / tokenizer_config.json, or a model) when
+    given, else from the checkpoint; a PyTorch module without one gets a package without a
+    tokenizer (it then takes token ids)."""
+    with shared_gguf_readers():
+        return _compile(model, Path(output), [get_target(t) for t in targets], options, progress or NoProgress(),
+                        tokenizer)
+
+
+def _compile(model: Any, output: Path, target_objects: list, options: PassOptions, progress: Reporter,
+             tokenizer: str | Path | None) -> Path:
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
+    tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
     if source is not None:
         progress.stage(f"loading {source.name}")
         torch_model = load_torch_model(source)
@@ -76,9 +87,9 @@ def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu
     info = _model_info(module, name, torch_model)
     module = run_pipeline(module, options, on_pass=progress.stage)
     tokenizer_info = None
-    if source is not None:
+    if tokenizer_source is not None and has_tokenizer(tokenizer_source):
         progress.stage("saving the tokenizer")
-        tokenizer_info = save_tokenizer(source, output)
+        tokenizer_info = save_tokenizer(tokenizer_source, output)
     if tokenizer_info is not None:
         tokenizer_info["eos_token_ids"] = _eos_ids(torch_model, tokenizer_info)
     progress.stage("writing weights")
@@ -89,12 +100,12 @@ def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu
 
 
 def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
-                          options: PassOptions = PassOptions()) -> Path:
+                          options: PassOptions = PassOptions(), tokenizer: str | Path | None = None) -> Path:
     """`compile_model` with a progress bar on stderr (the CLI's way)."""
     from_checkpoint = isinstance(model, (str, Path))
     stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + len(passes(options)) + len(targets))
     try:
-        return compile_model(model, output, targets, options, stages)
+        return compile_model(model, output, targets, options, stages, tokenizer)
     except BaseException:
         stages.progress.stop()
         raise
