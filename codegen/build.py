@@ -28,7 +28,7 @@ def build_library(module: Module, target: Target, directory: Path) -> dict[str, 
     """Compile `module` for `target` into `directory`; return the target's metadata entry."""
     tvm_target = target.tvm_target()
     try:
-        irmodule = lower_module(module, tvm_target)
+        irmodule = lower_module(module, target)
     except LlmcError:
         raise
     except Exception as error:  # TVM's FFI raises TVMError, TypeError, ValueError ...

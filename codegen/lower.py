@@ -13,11 +13,14 @@ from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
 from llmc.ir import INPUT, PARAM, Graph, KVCacheType, LlmcError, Module, TensorType
+from llmc.targets import Target
 
 from .prim import SymbolTable
 from .relax_ops import TABLE, LowerContext, lower_node
 
 CREATE_KV_CACHE = "create_kv_cache"
+# TVM's paged-attention kernels are built for one page size (their default); the runtime must use it.
+PAGE_SIZE = 16
 
 
 def weight_order(module: Module) -> list[str]:
@@ -30,11 +33,12 @@ def _relax_type(t, symbols: SymbolTable):
     return relax.TensorType(symbols.shape(t.shape), t.dtype)
 
 
-def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[TensorType], weight_index: dict[str, int]):
+def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[TensorType], weight_index: dict[str, int],
+                    target: Target, kernels: dict) -> None:
     symbols = SymbolTable()
     inputs = [relax.Var(n.name, _relax_type(n.type, symbols)) for n in graph.inputs]
     params = relax.Var("params", relax.TupleType([_relax_type(t, symbols) for t in weight_types]))
-    cx = LowerContext(bb, symbols)
+    cx = LowerContext(bb, symbols, target, kernels)
     with bb.function(graph.name, inputs + [params]):
         with bb.dataflow():
             values: dict[int, relax.Expr] = {}
@@ -75,18 +79,24 @@ def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_targ
         bb.emit_func_output(created)
 
 
-def lower_module(module: Module, tvm_target) -> "tvm.IRModule":  # noqa: F821
+def lower_module(module: Module, target: Target) -> "tvm.IRModule":  # noqa: F821
     weight_names = weight_order(module)
     types = module.param_types()
     weight_types = [types[n] for n in weight_names]
     weight_index = {n: i for i, n in enumerate(weight_names)}
     bb = relax.BlockBuilder()
     caches = set()
+    kernels: dict = {}
     for graph in module.functions.values():
-        _lower_function(bb, graph, weight_types, weight_index)
+        _lower_function(bb, graph, weight_types, weight_index, target, kernels)
         caches.update(n.type for n in graph.inputs if isinstance(n.type, KVCacheType))
     if len(caches) > 1:
         raise LlmcError("the module's functions disagree about the KV cache they use")
-    if caches:
-        _lower_kv_cache_creator(bb, caches.pop(), tvm_target)
-    return bb.get()
+    if not caches:
+        return bb.get()
+    cache = caches.pop()
+    _lower_kv_cache_creator(bb, cache, target.tvm_target())
+    irmodule = bb.get()
+    for name, func in target.kv_cache_kernels(cache, PAGE_SIZE).items():
+        irmodule.update_func(irmodule.get_global_var(name), func.with_attr("global_symbol", name))
+    return irmodule

@@ -18,7 +18,7 @@ from llmc.runtime.package import GRAPH_FILE, METADATA_FILE, PACKAGE_FORMAT, WEIG
 from llmc.targets import Target
 
 from .build import build_library
-from .lower import weight_order
+from .lower import PAGE_SIZE, weight_order
 
 
 def write_package(module: Module, targets: Sequence[Target], directory: Path, model_info: dict[str, Any],
@@ -38,8 +38,8 @@ def write_package(module: Module, targets: Sequence[Target], directory: Path, mo
         "llmc_ir_version": IR_VERSION,
         "model": model_info,
         "functions": sorted(module.functions),
-        "kv_cache": module.metadata.get("kv_cache"),
-        "quantization": module.metadata.get("quantization", "f32"),
+        "kv_cache": {**module.metadata["kv_cache"], "page_size": PAGE_SIZE} if module.metadata.get("kv_cache") else None,
+        "quantization": module.metadata.get("quantization", {"layers": "f32", "head": "f32"}),
         "targets": built,
         "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(directory / WEIGHTS_FILE), "order": order},
         "tokenizer": tokenizer_info,

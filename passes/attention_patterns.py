@@ -3,14 +3,17 @@
 Exports keep `scaled_dot_product_attention` whole when they can, but eager-mode models,
 core-ATen decompositions and ONNX files spell it out: a matmul of q with transposed k,
 a scale (multiplied, divided, or split as sqrt(scale) on both q and k), a mask (added,
-or applied with `where`), a softmax over the last axis, and a matmul with v. Each
-spelling below is one pattern; the rules rebuild it as `attention`, which KV-cache
-lowering understands.
+or applied with `where`), a softmax over the last axis (which ONNX exports guard with
+`where(isnan(p), 0, p)`), and a matmul with v. Each spelling below is one pattern; the
+rules rebuild it as `attention`, which KV-cache lowering understands. ONNX's dynamo
+exporter also transposes k through a 3-D reshape; the first rule turns that back into
+the plain transpose the attention patterns expect.
 """
 
 from __future__ import annotations
 
 from llmc.ir import GraphBuilder, Node
+from llmc.ir import dims as D
 
 from .rewrite import Pattern, Rule, op, scalar, var
 
@@ -37,6 +40,12 @@ def _build(builder: GraphBuilder, m: dict[str, Node], scale: float | None) -> No
                       name="attention", source=m["out"].source)
 
 
+def _probabilities(logits: Pattern) -> dict[str, Pattern]:
+    """softmax(logits), plain or guarded against NaN rows as ONNX exports write it (isnan(p) imports as p != p)."""
+    p = _softmax(logits).bind("probabilities")
+    return {"": p, "_nan_guarded": op("where", op("not_equal", p, p), scalar(0.0), p)}
+
+
 def _rule(name: str, scores: Pattern, scale_of) -> list[Rule]:
     """Rules for `softmax(scores) @ v`: no mask, an additive mask, or a `where` mask with a fill value."""
     v, mask = var("v"), var("mask")
@@ -47,16 +56,30 @@ def _rule(name: str, scores: Pattern, scale_of) -> list[Rule]:
     }
     rules = []
     for suffix, logits in forms.items():
-        pattern = op("matmul", _softmax(logits), v).bind("out")
+        for guard, probabilities in _probabilities(logits).items():
+            pattern = op("matmul", probabilities, v).bind("out")
 
-        def build(builder, m, scale_of=scale_of):
-            return _build(builder, m, scale_of(m))
-        rules.append(Rule(name + suffix, pattern, build))
+            def build(builder, m, scale_of=scale_of):
+                return _build(builder, m, scale_of(m))
+            rules.append(Rule(name + suffix + guard, pattern, build))
     return rules
+
+
+def _swap_last_two(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
+    """reshape(permute(reshape(k, (b*h, s, d)), [0, 2, 1]), (b, h, d, s)) is permute(k, [0, 1, 3, 2])."""
+    k, flat, out = m["k"], m["flat"], m["out"]
+    if k.type.rank != 4 or flat.type.rank != 3 or out.type.rank != 4:
+        return None
+    b, h, s, d = k.type.shape
+    if not all(D.equal(x, y) for x, y in zip(flat.type.shape + out.type.shape, (D.product([b, h]), s, d, b, h, d, s))):
+        return None
+    return builder.op("permute", [k], {"axes": LAST_TWO_SWAPPED}, name="transpose", source=out.source)
 
 
 _Q, _K = var("q"), var("k")
 RULES: list[Rule] = [
+    Rule("swap_last_two_through_3d",
+         op("reshape", op("permute", op("reshape", _K).bind("flat"), axes=[0, 2, 1])).bind("out"), _swap_last_two),
     *_rule("scaled_after", _scores(_Q, _K) * scalar(name="scale"), lambda m: _value(m["scale"])),
     *_rule("divided_after", _scores(_Q, _K) / scalar(name="scale"), lambda m: 1.0 / _value(m["scale"])),
     *_rule("scaled_both", op("matmul", _Q * scalar(name="scale"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from llmc.ir import Graph, GraphBuilder, Node, clone_with
+from llmc.ir import Graph, GraphBuilder, Module, Node, clone_with
 
 COMMUTATIVE = {"add", "multiply", "maximum", "minimum", "logical_and", "logical_or", "equal", "not_equal"}
 
@@ -108,11 +108,14 @@ def match(pattern: Pattern, node: Node) -> dict[str, Node] | None:
 
 @dataclass(frozen=True)
 class Rule:
-    """`pattern` becomes `build(builder, bindings)`; build may return None to leave the node as it is."""
+    """`pattern` becomes `build(builder, bindings)`; build may return None to leave the node as it is.
+    Nodes bound to the names in `single_use` must have no other user (fusing them must not compute
+    them twice)."""
 
     name: str
     pattern: Pattern
     build: Callable[[GraphBuilder, dict[str, Node]], Node | None]
+    single_use: tuple[str, ...] = ()
 
 
 def builder_for(graph: Graph) -> GraphBuilder:
@@ -125,11 +128,13 @@ def rewrite(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder | None = 
     for _ in range(max_rounds):
         changed = False
         mapping: dict[int, Node] = {}
+        users = {key: len(value) for key, value in graph.users().items()}
+        uses: dict[int, int] = {}
         for node in graph.nodes:
             current = clone_with(node, [mapping.get(id(i), i) if i is not None else None for i in node.inputs])
             for rule in rules:
                 bindings = match(rule.pattern, current)
-                if bindings is None:
+                if bindings is None or any(uses.get(id(bindings[n]), 0) != 1 for n in rule.single_use):
                     continue
                 replacement = rule.build(builder, bindings)
                 if replacement is not None and replacement is not current:
@@ -137,18 +142,15 @@ def rewrite(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder | None = 
                     changed = True
                     break
             mapping[id(node)] = current
+            uses[id(current)] = users[id(node)] + sum(1 for out in graph.outputs if out is node)
         graph = Graph(graph.name, [mapping[id(n)] for n in graph.inputs], [mapping[id(n)] for n in graph.outputs])
         if not changed:
             break
     return graph
 
 
-def replace_nodes(graph: Graph, replacements: Mapping[int, Node]) -> Graph:
-    """The graph with each node whose id is a key replaced by its value, users rebuilt."""
-    mapping: dict[int, Node] = {}
-    for node in graph.nodes:
-        if id(node) in replacements:
-            mapping[id(node)] = replacements[id(node)]
-            continue
-        mapping[id(node)] = clone_with(node, [mapping.get(id(i), i) if i is not None else None for i in node.inputs])
-    return Graph(graph.name, [mapping[id(n)] for n in graph.inputs], [mapping[id(n)] for n in graph.outputs])
+
+def rewrite_module(module: Module, rules: Sequence[Rule]) -> Module:
+    """`rewrite` applied to every function of `module` (weights and metadata unchanged)."""
+    functions = {name: rewrite(graph, rules) for name, graph in module.functions.items()}
+    return Module(functions, module.weights, module.metadata)

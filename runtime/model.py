@@ -25,12 +25,11 @@ from .package import Package
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """How big the paged KV cache is: tokens in all sequences together, sequences, chunk, page."""
+    """How big the paged KV cache is: tokens in all sequences together, sequences, prefill chunk."""
 
     max_total_tokens: int
     max_batch_size: int = 16
     prefill_chunk: int = 512
-    page_size: int = 16
 
 
 class ContextOverflow(LlmcError):
@@ -57,7 +56,7 @@ class CompiledModel:
         self.params = [tvm.runtime.tensor(weights[name], self.device) for name in meta["weights"]["order"]]
         settings = cache or CacheSettings(max_total_tokens=self.context_length)
         self.cache = PagedKVCache(self.vm, settings.max_batch_size, settings.max_total_tokens,
-                                  settings.prefill_chunk, settings.page_size)
+                                  settings.prefill_chunk, int(meta["kv_cache"]["page_size"]))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 

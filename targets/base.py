@@ -7,14 +7,24 @@ Adding a device means adding one module in this folder that registers a subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tvm
 
-from llmc.ir import LlmcError
+from llmc.ir import KVCacheType, LlmcError, Node
 
 _REGISTRY: dict[str, type["Target"]] = {}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A hand-scheduled TIR function for one IR node; `name` identifies it (equal names, equal functions),
+    so layers with the same shapes share one compiled kernel."""
+
+    name: str
+    func: tvm.tirx.PrimFunc
 
 
 class Target(ABC):
@@ -35,6 +45,14 @@ class Target(ABC):
     @abstractmethod
     def relax_pipeline(self) -> tvm.transform.Pass:
         """Relax -> VM-ready module: legalize, fuse, schedule, lower."""
+
+    def kernel(self, node: Node) -> Kernel | None:
+        """This target's own kernel for `node`, or None to use the generic lowering."""
+        return None
+
+    def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
+        """Replacements for attention kernels of TVM's paged KV cache, by the name TVM gives them."""
+        return {}
 
     def library_file(self) -> str:
         return f"lib-{self.name}.so"

@@ -10,9 +10,14 @@ import os
 
 import tvm
 from tvm import relax
-from tvm.target.codegen import llvm_get_system_cpu
+from tvm.s_tir import dlight
+from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
 
-from .base import Target
+from llmc.ir import KVCacheType, Node
+
+from .base import Kernel, Target
+from .cpu_kernels import attention, linear
+from .cpu_kernels.parallel_loops import ParallelLoops
 
 
 class CpuTarget(Target):
@@ -35,6 +40,7 @@ class CpuTarget(Target):
                     relax.transform.FoldConstant(),
                     relax.transform.FuseOps(),
                     relax.transform.FuseTIR(),
+                    dlight.ApplyDefaultSchedule(ParallelLoops()),
                     relax.transform.DeadCodeElimination(),
                     relax.transform.RewriteDataflowReshape(),
                     relax.transform.ToNonDataflow(),
@@ -51,6 +57,35 @@ class CpuTarget(Target):
                 return tvm.transform.Sequential(passes)(mod)
 
         return pipeline
+
+    def kernel(self, node: Node) -> Kernel | None:
+        if node.op == "linear" and node.type.dtype == "float32":
+            n, k = node.inputs[1].type.shape
+            has_bias, has_residual = node.inputs[2] is not None, node.inputs[3] is not None
+            if linear.supported(n, k):
+                return Kernel(f"linear_f32_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
+                              linear.linear_f32(n, k, has_bias, has_residual))
+        if node.op == "quantized_linear" and self._has_avx2():
+            n, k = node.type.shape[-1], node.inputs[0].type.shape[-1]
+            bits = node.attrs["bits"]
+            has_bias, has_residual = node.inputs[4] is not None, node.inputs[5] is not None
+            if linear.supported(n, k, quantized=True):
+                return Kernel(f"linear_q{bits}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
+                              linear.quantized_linear(n, k, bits, has_bias, has_residual))
+        return None
+
+    def _has_avx2(self) -> bool:
+        return bool(llvm_cpu_has_features(["avx2", "fma"], self.tvm_target()))
+
+    def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
+        if cache.dtype != "float32" or not attention.supported(cache.head_dim):
+            return {}
+        heads = (cache.num_kv_heads, cache.num_q_heads, cache.head_dim)
+        return {
+            "tir_attention_prefill_ragged_cpu": attention.ragged_prefill(*heads),
+            "tir_attention_prefill_cpu": attention.paged_prefill(*heads, page_size),
+            "tir_attention_decode_cpu": attention.paged_decode(*heads, page_size),
+        }
 
     def describe(self) -> dict:
         return {**super().describe(), "mcpu": llvm_get_system_cpu()}

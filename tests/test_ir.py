@@ -37,7 +37,7 @@ def _mlp_graph() -> Module:
     b = GraphBuilder()
     x = b.input("x", TensorType((1, SEQ, 8), "float32"))
     w = b.param("w", TensorType((16, 8), "float32"))
-    h = b.op("linear", [x, w, None])
+    h = b.op("linear", [x, w, None, None])
     y = b.op("silu", [h])
     s = b.op("reshape", [y], {"shape": [1, SEQ, 4, -1]})
     out = b.op("softmax", [s], {"axis": -1})
@@ -145,7 +145,7 @@ def test_serialized_form_refuses_another_version():
 def test_printer_shows_weights_by_reference():
     text = print_module(_mlp_graph())
     assert "param @w : f32[16, 8]" in text
-    assert "linear(%x, @w, none)" in text
+    assert "linear(%x, @w, none, none)" in text
 
 
 def test_node_names_are_unique():

@@ -1,6 +1,6 @@
-"""Every IR op, registered on import: elementwise, shape, reduction, linalg, attention."""
+"""Every IR op, registered on import: elementwise, shape, reduction, linalg, norm, quantized, attention."""
 
-from . import attention, elementwise, linalg, reduction, shape  # noqa: F401  (registration)
+from . import attention, elementwise, linalg, norm, quantized, reduction, shape  # noqa: F401  (registration)
 from .registry import REQUIRED, OpDef, all_ops, define, get
 
 __all__ = ["REQUIRED", "OpDef", "all_ops", "define", "get"]

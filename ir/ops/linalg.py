@@ -41,16 +41,22 @@ def _linear_infer(types, attrs):
         bias = rules.tensor(types[2], "linear", "bias")
         if bias.rank != 1 or not D.equal(bias.shape[0], w.shape[0]) or bias.dtype != x.dtype:
             raise IRError(f"op linear: bias {bias} does not fit weight {w}")
-    return x.with_shape(x.shape[:-1] + (w.shape[0],))
+    out = x.with_shape(x.shape[:-1] + (w.shape[0],))
+    if types[3] is not None and not rules.tensor(types[3], "linear", "residual").same_as(out):
+        raise IRError(f"op linear: residual {types[3]} must have the output's type {out}")
+    return out
 
 
 def _linear_reference(values, attrs, out_shape):
-    x, w, bias = values
+    x, w, bias, residual = values
     y = _wide(x) @ _wide(w).T
     if bias is not None:
         y = y + _wide(bias)
+    if residual is not None:
+        y = y + _wide(residual)
     return as_dtype(y, x.dtype.name)
 
 
-define("linear", ("x", "weight", "bias?"), _linear_infer, _linear_reference,
-       "x @ weight.T + bias, weight stored (out_features, in_features) as in PyTorch.")
+define("linear", ("x", "weight", "bias?", "residual?"), _linear_infer, _linear_reference,
+       "x @ weight.T + bias + residual, weight stored (out_features, in_features) as in PyTorch; the residual "
+       "(a tensor of the output's shape) lets a following add run in the same pass.")

@@ -1,0 +1,125 @@
+"""Many requests at once, from asyncio: each request's text arrives as an async stream of deltas.
+
+One worker thread owns the model and the `Scheduler` and runs one batch step at a time; the
+event loop only hands it requests and cancellations and receives deltas, so it stays
+responsive while the model computes (TVM releases the GIL). A request whose consumer stops
+reading (a client that disconnects) is cancelled before the next step and frees its pages.
+While it runs, the engine's model belongs to the worker: use the `Engine` only through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator, Callable, Sequence
+
+from llmc.ir import LlmcError
+
+from .engine import Engine
+from .request import Request
+from .sampling import SamplingParams
+from .scheduler import Delta, Scheduler, SchedulerStats, StepFailed
+from .metrics import Throughput
+
+_Subscriber = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.scheduler = Scheduler(engine.model)
+        self.throughput = Throughput()
+        self._wake = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._subscribers: dict[Request, _Subscriber] = {}
+        self._closing = False
+        self._worker: threading.Thread | None = None
+
+    @property
+    def context_length(self) -> int:
+        """The longest prompt plus completion a request may ask for (model and KV cache permitting)."""
+        return self.scheduler.max_sequence_tokens
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats
+
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="llmc-engine", daemon=True)
+        self._worker.start()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._worker is not None:
+            self._worker.join()
+
+    def request(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        """A checked request, ready for `stream`: raises LlmcError for an empty or too long prompt."""
+        if not prompt_ids:
+            raise LlmcError("the prompt is empty")
+        self.engine.model.check_tokens(prompt_ids)
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        return Request(prompt_ids, params, self.engine.tokenizer, self.engine.eos_ids, self.context_length)
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+        """The deltas of `request` as the batch produces them; the last one has a finish reason.
+        Leaving the loop early (or being cancelled) cancels the request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers[request] = (asyncio.get_running_loop(), queue)
+        self._submit(lambda: self._add(request))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, Exception):
+                    raise delta
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            self._subscribers.pop(request, None)
+            if not finished:
+                self._submit(lambda: self.scheduler.cancel(request))
+
+    # -- the worker thread -------------------------------------------------------------------------------
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+
+    def _add(self, request: Request) -> None:
+        try:
+            self.scheduler.add(request)
+        except LlmcError as error:  # a request that did not come through `request()`
+            self._deliver(request, error)
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closing or self._commands or self.scheduler.has_work):
+                    self._wake.wait()
+                if self._closing:
+                    return
+                commands, self._commands = self._commands, []
+            for command in commands:
+                command()
+            try:
+                outputs = self.scheduler.step()
+            except StepFailed as failure:
+                for request in failure.requests:
+                    self._deliver(request, failure)
+                continue
+            self.throughput.add(sum(len(delta.token_ids) for _, delta in outputs))
+            for request, delta in outputs:
+                self._deliver(request, delta)
+
+    def _deliver(self, request: Request, item: Delta | Exception) -> None:
+        subscriber = self._subscribers.get(request)
+        if subscriber is not None:
+            loop, queue = subscriber
+            loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -1,0 +1,252 @@
+"""OpenAI's completions and chat completions, as llmc serves them: request bodies in, checked
+requests out; response objects and stream chunks back.
+
+Lengths follow vLLM: a request whose prompt plus `max_tokens` is longer than the context is
+refused (400, `context_length_exceeded`), never silently clamped; without `max_tokens`, a
+completion gets 16 tokens (OpenAI's default) and a chat reply the rest of the context.
+One choice per request (`n` = 1); `logprobs` gives the chosen tokens' log-probabilities only.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmc.ir import LlmcError
+
+from .async_engine import AsyncEngine
+from .model import ContextOverflow
+from .request import Request
+from .sampling import SamplingParams
+from .scheduler import Delta
+from .tokenizer import Tokenizer
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+_NUMBER = (int, float)
+# Fields llmc does not implement: accepted only at the value that means "off".
+_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+                "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
+                "functions": (None, []), "response_format": (None, {"type": "text"})}
+
+
+class ApiError(LlmcError):
+    """A request the API refuses, with the HTTP status and the OpenAI error fields."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Call:
+    """One parsed API call: the engine request and how to answer it."""
+
+    chat: bool
+    request: Request
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def _get(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise ApiError(f"'{name}' must be {names}, got {type(value).__name__}", name)
+    return value
+
+
+def _required(body: dict, name: str) -> Any:
+    if body.get(name) is None:
+        raise ApiError(f"'{name}' is a required field", name)
+    return body[name]
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, allowed in _UNSUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise ApiError(f"'{name}' is not supported by this server", name)
+    if _get(body, "n", (int,), 1) != 1:
+        raise ApiError("only n=1 is supported: send one request per choice", "n")
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise ApiError("'stop' must be a string or a list of strings", "stop")
+
+
+def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+    top_k = _get(body, "top_k", (int,), 0)
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=float(_get(body, "temperature", _NUMBER, 1.0)),
+                              top_p=float(_get(body, "top_p", _NUMBER, 1.0)), top_k=max(top_k, 0),
+                              repetition_penalty=float(_get(body, "repetition_penalty", _NUMBER, 1.0)),
+                              seed=_get(body, "seed", (int,)), stop=_stops(body),
+                              ignore_eos=_get(body, "ignore_eos", (bool,), False))
+    except ApiError:
+        raise
+    except LlmcError as error:
+        raise ApiError(str(error)) from None
+
+
+def _call(body: dict, engine: AsyncEngine, prompt_ids: list[int], prompt_field: str, max_tokens: int,
+          chat: bool, logprobs: bool) -> Call:
+    try:
+        request = engine.request(prompt_ids, _sampling(body, max_tokens))
+    except ContextOverflow as error:
+        raise ApiError(str(error), prompt_field, code="context_length_exceeded") from None
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    return Call(chat, request, stream, bool(stream and options.get("include_usage")), logprobs)
+
+
+def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = _get(body, name, (int,))
+        if value is not None:
+            if value < 1:
+                raise ApiError(f"'{name}' must be at least 1, got {value}", name)
+            return value
+    return default
+
+
+def parse_completion(body: dict, engine: AsyncEngine) -> Call:
+    _check_unsupported(body)
+    prompt = _required(body, "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = engine.engine.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt_ids = prompt
+    else:
+        raise ApiError("'prompt' must be one non-empty string or list of token ids (one prompt per request)",
+                       "prompt")
+    logprobs = _get(body, "logprobs", (int,))
+    if logprobs:
+        raise ApiError("only logprobs=0 (the chosen tokens' log-probabilities) is supported", "logprobs")
+    max_tokens = _max_tokens(body, ("max_tokens",), COMPLETION_DEFAULT_MAX_TOKENS)
+    return _call(body, engine, prompt_ids, "prompt", max_tokens, False, logprobs is not None)
+
+
+def _message_text(message: Any, index: int) -> dict[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ApiError(f"message {index} must be an object with a 'role' and a 'content'", "messages")
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: only text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(f"message {index}: only text content parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(f"message {index} needs a text 'content'", "messages")
+    return {"role": message["role"], "content": content}
+
+
+def parse_chat(body: dict, engine: AsyncEngine) -> Call:
+    _check_unsupported(body)
+    messages = _required(body, "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty list", "messages")
+    prompt_ids = engine.engine.chat_prompt([_message_text(m, i) for i, m in enumerate(messages)])
+    if _get(body, "top_logprobs", (int,), 0):
+        raise ApiError("top_logprobs is not supported; 'logprobs': true gives the chosen tokens' ones",
+                       "top_logprobs")
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"),
+                             max(1, engine.context_length - len(prompt_ids)))
+    return _call(body, engine, prompt_ids, "messages", max_tokens, True, _get(body, "logprobs", (bool,), False))
+
+
+@dataclass
+class Reply:
+    """The answer to one call, built up from its deltas: whole, or as stream chunks."""
+
+    call: Call
+    model: str
+    tokenizer: Tokenizer
+    id: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.call.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.finish_reason = delta.finish_reason
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict | None:
+        if not self.call.logprobs:
+            return None
+        tokens = [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        if self.call.chat:
+            return {"content": [{"token": t, "logprob": p, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, p in zip(tokens, logprobs)]}
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None}
+
+    def _object(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.call.request.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
+                "total_tokens": prompt + len(self.token_ids)}
+
+    def response(self) -> dict:
+        text, logprobs = "".join(self.text), self._logprobs(self.token_ids, self.logprobs)
+        if self.call.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": self.finish_reason}
+            return {**self._object("chat.completion", [choice]), "usage": self.usage()}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
+        return {**self._object("text_completion", [choice]), "usage": self.usage()}
+
+    def chunks(self, delta: Delta) -> list[dict]:
+        """The stream chunks for one delta (none when it holds no text yet and is not the end)."""
+        first = not self.token_ids and not self.text
+        self.add(delta)
+        logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+        if not self.call.chat:
+            if not (delta.text or delta.finish_reason or (logprobs and delta.token_ids)):
+                return []
+            choice = {"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            return [self._object("text_completion", [choice])]
+        chunks = []
+        if first:
+            chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, None))
+        if delta.text or (logprobs and delta.token_ids):
+            chunks.append(self._chat_chunk({"content": delta.text}, logprobs, None))
+        if delta.finish_reason:
+            chunks.append(self._chat_chunk({}, None, delta.finish_reason))
+        return chunks
+
+    def _chat_chunk(self, content: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
+        choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._object("chat.completion.chunk", [choice])
+
+    def usage_chunk(self) -> dict:
+        return {**self._object("chat.completion.chunk" if self.call.chat else "text_completion", []),
+                "usage": self.usage()}

@@ -1,0 +1,237 @@
+"""Continuous batching over the paged KV cache: which tokens of which requests go into each step.
+
+Requests join the running batch at the next step and leave it the step they finish. Each
+step has a token budget (the cache's prefill chunk): running decodes come first, one token
+each, then prompt chunks fill what is left, oldest request first (chunked prefill, as in
+DeepSpeed-FastGen), so a long prompt never stalls the decodes. A request that cannot get KV
+pages for even one token preempts the newest running requests, itself last; a preempted
+request frees its pages and is later recomputed from its prompt and the tokens it already
+generated, so its output does not change. Nothing here is asynchronous: one caller thread
+calls `add`, `cancel` and `step`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from llmc.ir import LlmcError
+
+from .model import CompiledModel, ContextOverflow
+from .request import Request
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step added to a request: text made final, tokens, their log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot taken after each change, safe to read from other threads."""
+
+    running: int = 0
+    waiting: int = 0
+    pages_used: int = 0
+    pages_total: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class StepFailed(LlmcError):
+    """The model failed in a step; the requests of that step are dropped from the batch."""
+
+    def __init__(self, requests: list[Request], cause: Exception):
+        super().__init__(f"the model failed in a batch step: {cause}")
+        self.requests = requests
+
+
+@dataclass(eq=False)
+class _Entry:
+    request: Request
+    arrival: int
+    seq_id: int | None = None
+    cached: int = 0  # tokens of prompt + output already in the KV cache
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.request.output_ids
+
+    @property
+    def pending(self) -> int:
+        return len(self.request.prompt_ids) + len(self.request.output_ids) - self.cached
+
+
+@dataclass
+class _Plan:
+    """The step being put together: tokens per entry, budget and pages left."""
+
+    budget: int
+    free_pages: int
+    counts: dict[_Entry, int] = field(default_factory=dict)
+    preempted: bool = False
+
+
+class Scheduler:
+    def __init__(self, model: CompiledModel):
+        self.model = model
+        self.cache = model.cache
+        if self.cache.lengths:
+            raise LlmcError("the scheduler needs a KV cache with no sequences in it")
+        self.step_tokens = self.cache.prefill_chunk
+        if self.step_tokens < self.cache.max_batch_size:
+            raise LlmcError(f"the step budget ({self.step_tokens} tokens) must cover one decode token for each of "
+                            f"the {self.cache.max_batch_size} sequences of a batch: raise --step-tokens or lower "
+                            "--max-batch")
+        self.pages_total = self.cache.free_pages()
+        self.max_sequence_tokens = min(model.context_length, self.pages_total * self.cache.page_size)
+        self.running: list[_Entry] = []
+        self.waiting: list[_Entry] = []
+        self._arrivals = 0
+        self._generated = 0
+        self._preemptions = 0
+        self.stats = SchedulerStats(pages_total=self.pages_total)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request that could not finish even alone (the prompt plus `max_tokens`)."""
+        if prompt_tokens + max_tokens > self.max_sequence_tokens:
+            raise ContextOverflow(
+                f"This model's maximum context length is {self.max_sequence_tokens} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or completion.")
+
+    def add(self, request: Request) -> None:
+        self.check_fits(len(request.prompt_ids), request.params.max_tokens)
+        self.waiting.append(_Entry(request, self._arrivals))
+        self._arrivals += 1
+        self._snapshot()
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request wherever it is; its KV pages are free when this returns."""
+        for entry in self.running + self.waiting:
+            if entry.request is request:
+                self._drop(entry)
+        self._snapshot()
+
+    def step(self) -> list[tuple[Request, Delta]]:
+        """Run one forward step over the scheduled tokens; what each request that got logits produced."""
+        plan = _Plan(self.step_tokens, self.cache.free_pages())
+        self._schedule_running(plan)
+        self._admit_waiting(plan)
+        if not plan.counts:
+            self._snapshot()
+            return []
+        entries = list(plan.counts)
+        chunks = [entry.tokens[entry.cached:entry.cached + plan.counts[entry]] for entry in entries]
+        try:
+            logits = self.model.step([entry.seq_id for entry in entries], chunks)
+        except Exception as error:  # TVM raises its own errors; the batch's KV state is unknown after one
+            for entry in entries:
+                self._drop(entry)
+            self._snapshot()
+            raise StepFailed([entry.request for entry in entries], error) from error
+        outputs = []
+        for entry, row in zip(entries, logits):
+            entry.cached += plan.counts[entry]
+            if entry.pending == 0:
+                outputs.append((entry.request, self._accept(entry, row)))
+        self._snapshot()
+        return outputs
+
+    # -- planning ----------------------------------------------------------------------------------------
+    def _schedule_running(self, plan: _Plan) -> None:
+        """Decodes take one token of the budget each; prompt chunks share the rest, oldest first.
+        Pages go oldest first: an entry that gets none preempts the newest entries, itself last."""
+        decodes = sum(1 for entry in self.running if entry.pending == 1)
+        prefill_budget = plan.budget - decodes
+        for entry in list(self.running):
+            if entry.seq_id is None:  # preempted by an older entry in this loop
+                continue
+            want = 1 if entry.pending == 1 else min(entry.pending, prefill_budget)
+            if want == 0:
+                continue
+            count = self._fitting(entry, want, plan.free_pages)
+            while count == 0 and self.running[-1] is not entry:
+                plan.free_pages += self._preempt(self.running[-1])
+                plan.preempted = True
+                count = self._fitting(entry, want, plan.free_pages)
+            if count == 0:
+                self._preempt(entry)
+                plan.preempted = True
+                continue
+            if want > 1:
+                prefill_budget -= count
+            self._plan(plan, entry, count)
+
+    def _admit_waiting(self, plan: _Plan) -> None:
+        """First come, first served, while the batch has room and the pages cover a chunk with one
+        spare page per running sequence (so an admission does not force a preemption next step).
+        A step that had to preempt admits nothing: pages are short."""
+        while self.waiting and plan.budget > 0 and len(self.running) < self.cache.max_batch_size \
+                and not plan.preempted:
+            entry = self.waiting[0]
+            count = self._fitting(entry, min(entry.pending, plan.budget), plan.free_pages - len(self.running))
+            if count == 0:
+                return
+            self.waiting.pop(0)
+            entry.seq_id = self.cache.add_sequence()
+            _insert_by_arrival(self.running, entry)
+            self._plan(plan, entry, count)
+
+    def _plan(self, plan: _Plan, entry: _Entry, count: int) -> None:
+        plan.counts[entry] = count
+        plan.budget -= count
+        plan.free_pages -= self._pages(entry.cached + count) - self._pages(entry.cached)
+
+    def _fitting(self, entry: _Entry, want: int, free_pages: int) -> int:
+        """How many of `want` next tokens fit in the entry's last page and `free_pages` more."""
+        room = (self._pages(entry.cached) + max(free_pages, 0)) * self.cache.page_size - entry.cached
+        return max(0, min(want, room))
+
+    def _pages(self, tokens: int) -> int:
+        return self.cache.pages_for(tokens)
+
+    # -- state changes -----------------------------------------------------------------------------------
+    def _preempt(self, entry: _Entry) -> int:
+        """Free the entry's pages and queue it for recomputation; the number of pages freed."""
+        freed = self._pages(entry.cached)
+        self.cache.remove_sequence(entry.seq_id)
+        self.running.remove(entry)
+        entry.seq_id, entry.cached = None, 0
+        _insert_by_arrival(self.waiting, entry)
+        self._preemptions += 1
+        return freed
+
+    def _drop(self, entry: _Entry) -> None:
+        if entry.seq_id is not None:
+            self.cache.remove_sequence(entry.seq_id)
+            self.running.remove(entry)
+        else:
+            self.waiting.remove(entry)
+
+    def _accept(self, entry: _Entry, logits_row) -> Delta:
+        request = entry.request
+        before = len(request.output_ids)
+        text = request.accept(logits_row)
+        self._generated += len(request.output_ids) - before
+        if request.done:
+            self._drop(entry)
+        return Delta(text, request.output_ids[before:], request.logprobs[before:], request.finish_reason)
+
+    def _snapshot(self) -> None:
+        self.stats = SchedulerStats(len(self.running), len(self.waiting), self.pages_total - self.cache.free_pages(),
+                                    self.pages_total, self._generated, self._preemptions)
+
+
+def _insert_by_arrival(entries: list[_Entry], entry: _Entry) -> None:
+    """Keep `entries` oldest first, so the newest is always last (the first to be preempted)."""
+    entries.insert(bisect.bisect(entries, entry.arrival, key=lambda e: e.arrival), entry)

@@ -1,0 +1,93 @@
+"""CPU kernels for `linear` (float weights) and `quantized_linear` (grouped 4/8-bit weights).
+
+One kernel per weight shape serves decode and prefill: it branches at run time on the
+number of rows m, to a GEMV loop nest for few rows and a packed-panel GEMM for many (see
+matmul.py). Weights stay in PyTorch's (N, K) layout, so every target shares one copy.
+The optional bias and residual are added in the epilogue. Each kernel is written with
+every optional input in its signature; the inputs a node lacks are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from . import matmul
+from .common import opaque, without_unused_params
+
+
+def supported(n: int, k: int, quantized: bool = False) -> bool:
+    return (n % matmul.ROWS_PER_TASK == 0 and k % (matmul.GROUP if quantized else matmul.LANES) == 0
+            and matmul.panel_width(n) is not None)
+
+
+def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
+    gemv = matmul.gemv_f32(n, k)
+    NR = matmul.panel_width(n)
+
+    @T.macro
+    def copy_panel(panel, first, weights):
+        for j in range(NR):
+            for kk in range(k):
+                panel[kk * NR + j] = weights[first + j, kk]
+
+    gemm = matmul.gemm_panels(n, k, copy_panel)
+
+    @T.prim_func
+    def linear(var_x: T.handle, w: T.Buffer((n, k), "float32"), bias: T.Buffer((n,), "float32"),
+               var_res: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        res = T.match_buffer(var_res, (m, n), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        if m < matmul.GEMV_ROWS:
+            gemv(x, w, bias if has_bias else None, res if has_residual else None, y, m)
+        else:
+            gemm(x, w, bias if has_bias else None, res if has_residual else None, y, m)
+    return opaque(without_unused_params(linear))
+
+
+def quantized_linear(n: int, k: int, bits: int, has_bias: bool, has_residual: bool):
+    groups = k // matmul.GROUP
+    half = matmul.GROUP // 2
+    gemv = matmul.int8_gemv(n, k, bits)
+    NR = matmul.panel_width(n)
+    codes_shape = (n, k // 2) if bits == 4 else (n, k)
+    codes_dtype = "uint8" if bits == 4 else "int8"
+
+    @T.macro
+    def dequantize_panel(panel, first, weights):
+        for j in range(NR):
+            for g in range(groups):
+                scale = T.Cast("float32", weights[1][first + j, g])
+                if bits == 4:
+                    minimum = T.Cast("float32", weights[2][first + j, g])
+                    for b in range(half):
+                        byte = weights[0][first + j, g * half + b]
+                        panel[(g * matmul.GROUP + b) * NR + j] = \
+                            T.Cast("float32", T.bitwise_and(byte, T.uint8(15))) * scale + minimum
+                        panel[(g * matmul.GROUP + b + half) * NR + j] = \
+                            T.Cast("float32", T.shift_right(byte, T.uint8(4))) * scale + minimum
+                else:
+                    for b in range(matmul.GROUP):
+                        panel[(g * matmul.GROUP + b) * NR + j] = \
+                            T.Cast("float32", weights[0][first + j, g * matmul.GROUP + b]) * scale
+
+    gemm = matmul.gemm_panels(n, k, dequantize_panel)
+
+    @T.prim_func
+    def quantized(var_x: T.handle, codes: T.Buffer(codes_shape, codes_dtype),
+                  scales: T.Buffer((n, groups), "float16"), mins: T.Buffer((n, groups), "float16"),
+                  bias: T.Buffer((n,), "float32"), var_res: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        res = T.match_buffer(var_res, (m, n), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        if m < matmul.GEMV_ROWS:
+            gemv(x, codes, scales, mins if bits == 4 else None, bias if has_bias else None,
+                 res if has_residual else None, y, m)
+        else:
+            gemm(x, (codes, scales, mins if bits == 4 else None), bias if has_bias else None,
+                 res if has_residual else None, y, m)
+    return opaque(without_unused_params(quantized))

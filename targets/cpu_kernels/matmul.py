@@ -1,0 +1,155 @@
+"""Loop nests shared by the CPU matmul kernels (float and quantized weights), as TVMScript macros.
+
+- `gemv_f32`: few rows (decode); each parallel task takes ROWS_PER_TASK weight rows and
+  keeps 16-lane accumulators over K in registers, so W streams from memory once per call.
+- `gemm_panels`: many rows (prefill); each parallel task fills an NR-column panel of W
+  (transposed, float: copied or dequantized, the on-the-fly packing BLAS does) and runs
+  an MR x NR register tile, broadcasting one activation per row against NR/8 vectors.
+- `int8_gemv`: few rows with quantized weights; activations are quantized per group of
+  32 to int8 (scale and sum kept, as llama.cpp's Q8_1), and each group's dot product runs
+  on AVX2's u8 x s8 multiply-add (`vpmaddubsw`, `vpmaddwd`).
+Epilogues add the bias and the residual when the kernel has them.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+GEMV_ROWS = 8
+ROWS_PER_TASK = 4
+MR = 4
+LANES = 16
+GROUP = 32
+IDX32 = [T.int32(i) for i in range(32)]
+
+
+def lane_sum(acc, base: int, lanes: int = LANES):
+    """Sum of `lanes` accumulator lanes from `base` (a PrimExpr tree, built while TVMScript parses)."""
+    total = acc[base]
+    for lane in range(1, lanes):
+        total = total + acc[base + lane]
+    return total
+
+
+def panel_width(n: int) -> int | None:
+    return next((w for w in (24, 16, 8) if n % w == 0), None)
+
+
+def epilogue(value, bias, res, row, col):
+    if bias is not None:
+        value = value + bias[col]
+    if res is not None:
+        value = value + res[row, col]
+    return value
+
+
+def gemv_f32(n: int, k: int):
+    rows = ROWS_PER_TASK
+
+    @T.macro
+    def gemv(x, w, bias, res, y, m):
+        for nb in T.parallel(n // rows):
+            acc = T.alloc_buffer((rows * LANES,), "float32")
+            for i in range(m):
+                for r in T.unroll(rows):
+                    acc[T.Ramp(r * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for kl in range(k // LANES):
+                    for r in T.unroll(rows):
+                        acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + \
+                            w[nb * rows + r, T.Ramp(kl * LANES, 1, LANES)] * x[i, T.Ramp(kl * LANES, 1, LANES)]
+                for r in T.unroll(rows):
+                    y[i, nb * rows + r] = epilogue(lane_sum(acc, r * LANES), bias, res, i, nb * rows + r)
+    return gemv
+
+
+def gemm_panels(n: int, k: int, fill_panel):
+    """`fill_panel(panel, first_row, ...)` is a macro writing W[first_row + j, kk] to panel[kk * NR + j]."""
+    NR = panel_width(n)
+    NV = NR // 8
+
+    @T.macro
+    def gemm(x, weights, bias, res, y, m):
+        for p in T.parallel(n // NR):
+            panel = T.alloc_buffer((k * NR,), "float32")
+            acc = T.alloc_buffer((MR * NR,), "float32")
+            fill_panel(panel, p * NR, weights)
+            for mo in range(m // MR):
+                for i in T.unroll(MR):
+                    for v in T.unroll(NV):
+                        acc[T.Ramp(i * NR + v * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                for kk in range(k):
+                    for i in T.unroll(MR):
+                        for v in T.unroll(NV):
+                            acc[T.Ramp(i * NR + v * 8, 1, 8)] = acc[T.Ramp(i * NR + v * 8, 1, 8)] + \
+                                T.Broadcast(x[mo * MR + i, kk], 8) * panel[T.Ramp(kk * NR + v * 8, 1, 8)]
+                for i in T.unroll(MR):
+                    for j in range(NR):
+                        y[mo * MR + i, p * NR + j] = epilogue(acc[i * NR + j], bias, res, mo * MR + i, p * NR + j)
+            for tail in range(m % MR):
+                row = m - m % MR + tail
+                for v in T.unroll(NV):
+                    acc[T.Ramp(v * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                for kk in range(k):
+                    for v in T.unroll(NV):
+                        acc[T.Ramp(v * 8, 1, 8)] = acc[T.Ramp(v * 8, 1, 8)] + \
+                            T.Broadcast(x[row, kk], 8) * panel[T.Ramp(kk * NR + v * 8, 1, 8)]
+                for j in range(NR):
+                    y[row, p * NR + j] = epilogue(acc[j], bias, res, row, p * NR + j)
+    return gemm
+
+
+def int8_gemv(n: int, k: int, bits: int):
+    """Decode matmul on grouped quantized weights (ir/quant_formats.py) with int8 activations."""
+    rows = ROWS_PER_TASK
+    groups = k // GROUP
+
+    def group_dot(codes, xq, row, i, g):
+        """int32x8 partial sums of codes(row, group g) . xq(row i, group g)."""
+        if bits == 4:
+            packed = codes[row, T.Ramp(g * 16, 1, 16)]
+            unsigned = T.Shuffle([T.bitwise_and(packed, T.Broadcast(T.uint8(15), 16)),
+                                  T.shift_right(packed, T.Broadcast(T.uint8(4), 16))], IDX32)
+            signed = xq[i, T.Ramp(g * GROUP, 1, GROUP)]
+        else:  # |w| x (x with the sign of w): the operands vpmaddubsw needs, without overflow
+            weights = codes[row, T.Ramp(g * GROUP, 1, GROUP)]
+            unsigned = T.reinterpret("uint8x32", T.abs(weights))
+            signed = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", xq[i, T.Ramp(g * GROUP, 1, GROUP)],
+                                             weights)
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", unsigned, signed)
+        return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+
+    @T.macro
+    def gemv(x, codes, scales, mins, bias, res, y, m):
+        xq = T.alloc_buffer((m, k), "int8")
+        xd = T.alloc_buffer((m, groups), "float32")
+        xs = T.alloc_buffer((m, groups), "float32")
+        stats = T.alloc_buffer((2,), "float32")
+        for i in range(m):
+            for g in range(groups):
+                stats[0] = T.float32(0)
+                for j in range(GROUP):
+                    stats[0] = T.max(stats[0], T.abs(x[i, g * GROUP + j]))
+                xd[i, g] = stats[0] / T.float32(127)
+                stats[1] = T.float32(0)
+                for j in range(GROUP):
+                    xq[i, g * GROUP + j] = T.Cast("int8", T.round(x[i, g * GROUP + j] * T.if_then_else(
+                        stats[0] > T.float32(0), T.float32(127) / stats[0], T.float32(0))))
+                    stats[1] = stats[1] + T.Cast("float32", xq[i, g * GROUP + j])
+                xs[i, g] = xd[i, g] * stats[1]
+        for nb in T.parallel(n // rows):
+            acc = T.alloc_buffer((rows * 8,), "float32")
+            offset = T.alloc_buffer((rows,), "float32")
+            for i in range(m):
+                for r in T.unroll(rows):
+                    acc[T.Ramp(r * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    offset[r] = T.float32(0)
+                for g in range(groups):
+                    for r in T.unroll(rows):
+                        acc[T.Ramp(r * 8, 1, 8)] = acc[T.Ramp(r * 8, 1, 8)] + \
+                            T.Cast("float32x8", group_dot(codes, xq, nb * rows + r, i, g)) * \
+                            T.Broadcast(T.Cast("float32", scales[nb * rows + r, g]) * xd[i, g], 8)
+                        if bits == 4:
+                            offset[r] = offset[r] + T.Cast("float32", mins[nb * rows + r, g]) * xs[i, g]
+                for r in T.unroll(rows):
+                    y[i, nb * rows + r] = epilogue(offset[r] + lane_sum(acc, r * 8, 8), bias, res, i, nb * rows + r)
+    return gemv

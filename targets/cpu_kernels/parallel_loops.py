@@ -1,0 +1,34 @@
+"""The CPU schedule for every kernel llmc does not hand-write: inline what can be inlined,
+then run each remaining block's spatial loops as one parallel loop.
+
+TVM's CPU pipeline schedules nothing, so fused elementwise kernels (SwiGLU, rotary
+embedding, norms) would otherwise run on one core. This is a dlight rule: it is applied
+to every PrimFunc not marked as scheduled.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.target import Target
+
+
+class ParallelLoops(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in try_inline(sch, infos):
+            loops = sch.get_loops(info.block_rv)
+            spatial = []
+            for loop, kind in zip(loops, info.dom_kind()):
+                if kind != "S":
+                    break
+                spatial.append(loop)
+            if spatial:
+                sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+        return sch
