@@ -113,19 +113,34 @@ def _cumsum(cx, node, args):
     return cx.emit(relax.op.cumsum(args[0], node.attrs["axis"], node.type.dtype), node.name)
 
 
+def _as_rank3(cx, node: Node, value, name: str):
+    """`value` (of `node`'s type) as a (batch, seq, features) tensor, the layout matmul kernels take."""
+    shape = node.type.shape
+    if len(shape) == 3:
+        return value
+    rows = cx.symbols.prim(D.product(shape[:-1]))
+    return cx.emit(relax.op.reshape(value, [1, rows, cx.symbols.prim(shape[-1])]), name)
+
+
+def _call_matmul_kernel(cx, node: Node, kernel: Kernel, x, weights: list, residual) -> relax.Expr:
+    """x (..., K) -> (..., N) through a target kernel taking (x, weights..., [residual]) on rank-3 activations."""
+    args = [_as_rank3(cx, node.inputs[0], x, node.name + "_x")] + weights
+    if residual is not None:
+        args.append(_as_rank3(cx, node, residual, node.name + "_residual"))
+    shape = node.type.shape
+    if len(shape) == 3:
+        return cx.call_kernel(kernel, args, cx.symbols.shape(shape), node.type.dtype, node.name)
+    rows = cx.symbols.prim(D.product(shape[:-1]))
+    out = cx.call_kernel(kernel, args, [1, rows, cx.symbols.prim(shape[-1])], node.type.dtype, node.name + "_out")
+    return cx.emit(relax.op.reshape(out, cx.symbols.shape(shape)), node.name)
+
+
 @lowers("linear")
 def _linear(cx, node, args):
     x, weight, bias, residual = args
     kernel = cx.target.kernel(node)
     if kernel is not None:
-        rows = cx.symbols.prim(D.product(node.type.shape[:-1]))
-        out_features = node.type.shape[-1]
-        flat = [cx.emit(relax.op.reshape(x, [rows, node.inputs[0].type.shape[-1]]), node.name + "_rows"), weight]
-        flat += [bias] if bias is not None else []
-        flat += [cx.emit(relax.op.reshape(residual, [rows, out_features]), node.name + "_residual")] \
-            if residual is not None else []
-        out = cx.call_kernel(kernel, flat, [rows, out_features], node.type.dtype, node.name + "_out")
-        return cx.emit(relax.op.reshape(out, cx.symbols.shape(node.type.shape)), node.name)
+        return _call_matmul_kernel(cx, node, kernel, x, [weight] + ([bias] if bias is not None else []), residual)
 
     has_bias, has_residual = bias is not None, residual is not None
 
@@ -175,14 +190,8 @@ def _quantized_linear(cx, node, args):
     bits = node.attrs["bits"]
     kernel = cx.target.kernel(node)
     if kernel is not None:
-        rows = cx.symbols.prim(D.product(node.type.shape[:-1]))
-        out_features = node.type.shape[-1]
-        flat = [cx.emit(relax.op.reshape(x, [rows, node.inputs[0].type.shape[-1]]), node.name + "_rows"), codes,
-                scales] + ([mins] if mins is not None else []) + ([bias] if bias is not None else [])
-        flat += [cx.emit(relax.op.reshape(residual, [rows, out_features]), node.name + "_residual")] \
-            if residual is not None else []
-        out = cx.call_kernel(kernel, flat, [rows, out_features], "float32", node.name + "_out")
-        return cx.emit(relax.op.reshape(out, cx.symbols.shape(node.type.shape)), node.name)
+        weights = [codes, scales] + [a for a in (mins, bias) if a is not None]
+        return _call_matmul_kernel(cx, node, kernel, x, weights, residual)
     has_mins, has_bias, has_residual = mins is not None, bias is not None, residual is not None
 
     def compute(x, codes, scales, *extra):

@@ -48,7 +48,6 @@ class CpuTarget(Target):
                     relax.transform.CallTIRRewrite(),
                     relax.transform.StaticPlanBlockMemory(),
                     relax.transform.LowerAllocTensor(),
-                    relax.transform.KillAfterLastUse(),
                     relax.transform.LowerRuntimeBuiltin(),
                     relax.transform.ComputePrimValue(),
                     relax.transform.VMShapeLower(),

@@ -5,9 +5,13 @@ number of rows m, to a GEMV loop nest for few rows and a packed-panel GEMM for m
 matmul.py). Weights stay in PyTorch's (N, K) layout, so every target shares one copy.
 The optional bias and residual are added in the epilogue. Each kernel is written with
 every optional input in its signature; the inputs a node lacks are dropped afterwards.
+Activations are (batch, seq, features) tensors, read as (batch * seq, features) matrices.
+Kernels are memoized: the layers of a model share a handful of shapes.
 """
 
 from __future__ import annotations
+
+import functools
 
 from tvm.script import tirx as T
 
@@ -20,6 +24,7 @@ def supported(n: int, k: int, quantized: bool = False) -> bool:
             and matmul.panel_width(n) is not None)
 
 
+@functools.lru_cache(maxsize=None)
 def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
     gemv = matmul.gemv_f32(n, k)
     NR = matmul.panel_width(n)
@@ -32,21 +37,29 @@ def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
 
     gemm = matmul.gemm_panels(n, k, copy_panel)
 
+    @T.macro
+    def body(x, w, bias, res, y, m):
+        if m < matmul.GEMV_ROWS:
+            gemv(x, w, bias if has_bias else None, res, y, m)
+        else:
+            gemm(x, w, bias if has_bias else None, res, y, m)
+
     @T.prim_func
     def linear(var_x: T.handle, w: T.Buffer((n, k), "float32"), bias: T.Buffer((n,), "float32"),
                var_res: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, k), "float32")
-        res = T.match_buffer(var_res, (m, n), "float32")
-        y = T.match_buffer(var_y, (m, n), "float32")
-        if m < matmul.GEMV_ROWS:
-            gemv(x, w, bias if has_bias else None, res if has_residual else None, y, m)
+        batch, seq = T.int64(), T.int64()
+        x3 = T.match_buffer(var_x, (batch, seq, k), "float32")
+        y3 = T.match_buffer(var_y, (batch, seq, n), "float32")
+        if has_residual:
+            res3 = T.match_buffer(var_res, (batch, seq, n), "float32")
+            body(x3.view(batch * seq, k), w, bias, res3.view(batch * seq, n), y3.view(batch * seq, n), batch * seq)
         else:
-            gemm(x, w, bias if has_bias else None, res if has_residual else None, y, m)
+            body(x3.view(batch * seq, k), w, bias, None, y3.view(batch * seq, n), batch * seq)
     return opaque(without_unused_params(linear))
 
 
+@functools.lru_cache(maxsize=None)
 def quantized_linear(n: int, k: int, bits: int, has_bias: bool, has_residual: bool):
     groups = k // matmul.GROUP
     half = matmul.GROUP // 2
@@ -75,19 +88,25 @@ def quantized_linear(n: int, k: int, bits: int, has_bias: bool, has_residual: bo
 
     gemm = matmul.gemm_panels(n, k, dequantize_panel)
 
+    @T.macro
+    def body(x, codes, scales, mins, bias, res, y, m):
+        if m < matmul.GEMV_ROWS:
+            gemv(x, codes, scales, mins if bits == 4 else None, bias if has_bias else None, res, y, m)
+        else:
+            gemm(x, (codes, scales, mins if bits == 4 else None), bias if has_bias else None, res, y, m)
+
     @T.prim_func
     def quantized(var_x: T.handle, codes: T.Buffer(codes_shape, codes_dtype),
                   scales: T.Buffer((n, groups), "float16"), mins: T.Buffer((n, groups), "float16"),
                   bias: T.Buffer((n,), "float32"), var_res: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, k), "float32")
-        res = T.match_buffer(var_res, (m, n), "float32")
-        y = T.match_buffer(var_y, (m, n), "float32")
-        if m < matmul.GEMV_ROWS:
-            gemv(x, codes, scales, mins if bits == 4 else None, bias if has_bias else None,
-                 res if has_residual else None, y, m)
+        batch, seq = T.int64(), T.int64()
+        x3 = T.match_buffer(var_x, (batch, seq, k), "float32")
+        y3 = T.match_buffer(var_y, (batch, seq, n), "float32")
+        if has_residual:
+            res3 = T.match_buffer(var_res, (batch, seq, n), "float32")
+            body(x3.view(batch * seq, k), codes, scales, mins, bias, res3.view(batch * seq, n),
+                 y3.view(batch * seq, n), batch * seq)
         else:
-            gemm(x, (codes, scales, mins if bits == 4 else None), bias if has_bias else None,
-                 res if has_residual else None, y, m)
+            body(x3.view(batch * seq, k), codes, scales, mins, bias, None, y3.view(batch * seq, n), batch * seq)
     return opaque(without_unused_params(quantized))
