@@ -171,6 +171,26 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
     _guarded(action)
 
 
+@app.command()
+def bench(package: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+          new_tokens: int = typer.Option(128, "--new-tokens"),
+          runs: int = typer.Option(3, "--runs"),
+          device: str = typer.Option("cpu", "--device"),
+          threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """llmc's prefill and decode speed on a short and a long prompt (medians)."""
+    def action() -> None:
+        from llmc.bench import LONG_PROMPT, SHORT_PROMPT
+        from llmc.bench import bench as run_bench
+
+        _threads(threads)
+        engine = _engine(package, device)
+        prompts = {"short": engine.encode(SHORT_PROMPT), "long": engine.encode(LONG_PROMPT)}
+        for name, row in run_bench(engine.model, prompts, new_tokens, runs).items():
+            typer.echo(f"{name:6s} prompt {row['prompt_tokens']:4d} tokens: prefill {row['prefill_tok_s']:8.1f} tok/s, "
+                       f"decode {row['decode_tok_s']:7.2f} tok/s (median of {runs})")
+    _guarded(action)
+
+
 def main() -> None:
     app()
 
