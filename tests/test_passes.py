@@ -141,3 +141,45 @@ def test_attention_patterns_build_attention_nodes():
     np.testing.assert_allclose(run_graph(rewritten, inputs, {})[0], run_graph(graph, inputs, {})[0], atol=1e-6)
     assert D.equal(rewritten.outputs[0].type.shape[2], 5)
 
+
+
+def _logits(module, function_inputs):
+    return run(module, "forward", function_inputs)[0]
+
+
+def test_fusion_passes_keep_the_logits_and_fuse():
+    from llmc.passes.concat_linears import concat_linears
+    from llmc.passes.fuse_residual import fuse_residual
+    from llmc.passes.fuse_rms_norm import fuse_rms_norm
+
+    module = import_torch_model(build_tiny("qwen2_untied"))
+    ids = {"input_ids": np.random.default_rng(6).integers(0, 512, (1, 11))}
+    expected = _logits(module, ids)
+    normed = fuse_rms_norm(module)
+    assert normed.functions["forward"].op_counts()["rms_norm"] == 5
+    concatenated = concat_linears(normed)
+    counts = concatenated.functions["forward"].op_counts()
+    assert counts["linear"] == 2 * 4 + 1  # per layer: fused q/k/v, o, fused gate/up, down; plus the head
+    assert any("{q,k,v}_proj.weight" in name for name in concatenated.weights)
+    assert any("{q,k,v}_proj.bias" in name for name in concatenated.weights)
+    fused = fuse_residual(concatenated)
+    assert sum(1 for n in fused.functions["forward"].nodes if n.op == "linear" and n.inputs[3] is not None) == 4
+    for stage in (normed, concatenated, fused):
+        np.testing.assert_allclose(_logits(stage, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_quantization_keeps_logits_within_its_tolerance():
+    from llmc.passes.quantize import quantize_module
+
+    module = import_torch_model(build_tiny("llama_gqa_tied"))
+    ids = {"input_ids": np.random.default_rng(7).integers(0, 512, (1, 9))}
+    expected = _logits(module, ids)
+    scale = np.abs(expected).max()
+    q8 = quantize_module(module, "q8", "q8")
+    q4 = quantize_module(module, "q4", "q8")
+    assert q8.functions["forward"].op_counts()["quantized_linear"] == 15
+    assert q8.functions["forward"].op_counts()["quantized_take"] == 1  # the tied embedding reads the q8 head
+    assert not any(w.dtype == np.float32 and w.ndim == 2 for w in q8.weights.values())
+    assert np.abs(_logits(q8, ids) - expected).max() / scale < 0.03
+    assert np.abs(_logits(q4, ids) - expected).max() / scale < 0.3
+    assert q4.metadata["quantization"] == {"layers": "q4", "head": "q8"}
