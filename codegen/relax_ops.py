@@ -344,20 +344,19 @@ def _attention(cx, node, args):
 def _paged_attention(cx, node, args):
     q, k, v, cache = args
     cache_type: KVCacheType = node.inputs[3].type
-    tokens = cx.symbols.prim(node.type.shape[2])
+    tokens = cx.symbols.prim(node.type.shape[1])
     dim = cache_type.head_dim
 
-    def token_major(x, heads):
-        return relax.op.reshape(relax.op.permute_dims(x, [0, 2, 1, 3]), [tokens, heads, dim])
+    def rows(x, heads):
+        return relax.op.reshape(x, [tokens, heads, dim])
 
-    qkv = cx.emit(relax.op.concat([token_major(q, cache_type.num_q_heads), token_major(k, cache_type.num_kv_heads),
-                                   token_major(v, cache_type.num_kv_heads)], axis=1), node.name + "_qkv")
+    qkv = cx.emit(relax.op.concat([rows(q, cache_type.num_q_heads), rows(k, cache_type.num_kv_heads),
+                                   rows(v, cache_type.num_kv_heads)], axis=1), node.name + "_qkv")
     out = cx.emit(relax.call_dps_packed(
         "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
         [cache, relax.prim_value(node.attrs["layer"]), relax.prim_value(float(node.attrs["scale"])), qkv],
         out_ty=relax.TensorType((tokens, cache_type.num_q_heads, dim), cache_type.dtype)), node.name + "_out")
-    return cx.emit(relax.op.permute_dims(relax.op.reshape(out, [1, tokens, cache_type.num_q_heads, dim]),
-                                         [0, 2, 1, 3]), node.name)
+    return cx.emit(relax.op.reshape(out, [1, tokens, cache_type.num_q_heads, dim]), node.name)
 
 
 def lower_node(cx: LowerContext, node: Node, args: list[Any]) -> relax.Expr:

@@ -15,13 +15,12 @@ import hashlib
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
-import sympy
 
 from llmc.ir import GraphBuilder, LlmcError, Node, TensorType, ops
 from llmc.ir import dims as D
 from llmc.ir.types import DTYPES
 
-from .onnx_values import Known, ir_dtype, known
+from .onnx_values import Known, has_symbols, ir_dtype, known
 
 Value = Union[Node, Known]
 Converter = Callable[["OnnxContext", list, dict], Any]
@@ -139,7 +138,7 @@ class OnnxContext:
         present = [v for v in inputs if v is not None]
         if not all(isinstance(v, Known) and not v.symbolic and v.dtype in DTYPES for v in present):
             return None
-        if _has_symbols(list(attrs.values())):
+        if has_symbols(list(attrs.values())):
             return None
         full_attrs = opdef.complete_attrs(attrs)
         types = [TensorType(v.shape, v.dtype) if v is not None else None for v in inputs]
@@ -189,10 +188,3 @@ class OnnxContext:
     def scalar(self, number: Any, dtype: str) -> Known:
         return known(np.asarray(number), dtype, f"{self.output_names[0] if self.output_names else 'c'}_scalar")
 
-
-def _has_symbols(values: Any) -> bool:
-    if isinstance(values, sympy.Expr):
-        return not values.is_Integer
-    if isinstance(values, (list, tuple)):
-        return any(_has_symbols(v) for v in values)
-    return False

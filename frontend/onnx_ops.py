@@ -61,8 +61,9 @@ def _div(cx, inputs, attrs):
             return cx.known(integer_divide(a.array, b.array), a.dtype)
         # ONNX truncates and the IR floors; they agree on the non-negative sizes LLM graphs divide.
         return cx.binary("floor_divide", a, b)
-    if isinstance(b, Node) and b.op == "sqrt" and isinstance(a, Known) and np.all(a.array == 1):
-        return cx.op("rsqrt", [b.inputs[0]])
+    if (isinstance(b, Node) and b.op == "sqrt" and isinstance(a, Known) and a.array.size == 1
+            and a.array.ndim <= b.type.rank and float(a.array.reshape(())) == 1.0):
+        return cx.op("rsqrt", [b.inputs[0]])  # 1 / sqrt(x): how PyTorch's rsqrt exports
     return cx.binary("divide", a, b)
 
 

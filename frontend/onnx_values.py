@@ -42,7 +42,7 @@ class Known:
 
 def known(values: Any, dtype: str, name: str) -> Known:
     """A `Known` of `values`, stored numerically unless some entry is a symbolic dim."""
-    if _has_symbols(values):
+    if has_symbols(values):
         array = np.asarray(values, dtype=object)
         entries = [D.normalize(v) if isinstance(v, sympy.Expr) else int(v) for v in array.flat]
         if any(not isinstance(v, int) for v in entries):
@@ -59,13 +59,14 @@ def _object_array(entries: list[Any], shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _has_symbols(values: Any) -> bool:
+def has_symbols(values: Any) -> bool:
+    """Whether `values` (a dim, an array, or nested lists) holds a symbolic dim."""
     if isinstance(values, sympy.Expr):
         return not values.is_Integer
     if isinstance(values, np.ndarray):
-        return values.dtype == object and any(_has_symbols(v) for v in values.flat)
+        return values.dtype == object and any(has_symbols(v) for v in values.flat)
     if isinstance(values, (list, tuple)):
-        return any(_has_symbols(v) for v in values)
+        return any(has_symbols(v) for v in values)
     return False
 
 

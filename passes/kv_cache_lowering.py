@@ -28,6 +28,7 @@ from llmc.ir.graph import substitute_dims
 from . import attention_patterns
 from .rewrite import Rule, builder_for, match, op, rewrite, var
 
+SWAP_HEADS_AND_TOKENS = [0, 2, 1, 3]
 SEQ = "seq"
 BATCH = "batch"
 ROWS = "rows"
@@ -118,9 +119,11 @@ def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, se
         node = m["attention"]
         q = node.inputs[0]
         scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(q.type.shape[3])
-        k, v = _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2])
-        return b.op("paged_attention", [q, k, v, cache], {"layer": next(layers), "scale": float(scale)},
-                    name=node.name, source=node.source)
+        token_major = [b.op("permute", [x], {"axes": SWAP_HEADS_AND_TOKENS}, name=node.name + "_in")
+                       for x in (q, _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2]))]
+        out = b.op("paged_attention", token_major + [cache], {"layer": next(layers), "scale": float(scale)},
+                   name=node.name, source=node.source)
+        return b.op("permute", [out], {"axes": SWAP_HEADS_AND_TOKENS}, name=node.name + "_out")
 
     def position(b: GraphBuilder, m: dict[str, Node]) -> Node:
         node = m["arange"]

@@ -8,6 +8,7 @@ from typing import Callable
 from llmc.ir import LlmcError, Module, verify_module
 
 from .concat_linears import concat_linears
+from .fold_transposes import fold_transposes
 from .fuse_residual import fuse_residual
 from .fuse_rms_norm import fuse_rms_norm
 from .kv_cache_lowering import lower_kv_cache
@@ -37,6 +38,7 @@ class PassOptions:
 def passes(options: PassOptions) -> list[tuple[str, Callable[[Module], Module]]]:
     steps = [
         ("lower attention to the paged KV cache", lower_kv_cache),
+        ("fold transposes", fold_transposes),
         ("fuse RMSNorm", fuse_rms_norm),
         ("concatenate matmuls that share an input", concat_linears),
         ("fold residual adds into matmuls", fuse_residual),

@@ -167,10 +167,14 @@ def write_bad_file(kind: str, folder: Path, good: Path) -> Path:
     path = folder / "model.onnx"
     if kind == "truncated":
         path.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 3])
-    elif kind == "missing external data":
+    elif kind in ("missing external data", "short external data"):
         model = onnx.load(str(good))
         onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
-        (folder / "weights.bin").unlink()
+        weights = folder / "weights.bin"
+        if kind == "short external data":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            weights.unlink()
     elif kind == "unsupported ops":
         onnx.save_model(unsupported_model(), str(path))
     elif kind == "opset too old":
@@ -187,6 +191,7 @@ def write_bad_file(kind: str, folder: Path, good: Path) -> Path:
 BAD_FILES = {
     "truncated": "truncated or corrupt",
     "missing external data": "'weights.bin', which is missing",
+    "short external data": "weights.bin is truncated",
     "unsupported ops": "2 ONNX op(s) llmc cannot import yet: Hardmax, Round",
     "opset too old": "uses opset 13; llmc imports ONNX opsets 14 to",
     "opset too new": f"uses opset {MAX_OPSET + 1}; llmc imports ONNX opsets 14 to {MAX_OPSET}",

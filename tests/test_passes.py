@@ -183,3 +183,20 @@ def test_quantization_keeps_logits_within_its_tolerance():
     assert np.abs(_logits(q8, ids) - expected).max() / scale < 0.03
     assert np.abs(_logits(q4, ids) - expected).max() / scale < 0.3
     assert q4.metadata["quantization"] == {"layers": "q4", "head": "q8"}
+
+
+def test_fold_transposes_removes_every_permute_around_paged_attention():
+    from llmc.passes.fold_transposes import fold_transposes
+
+    lowered = lower_kv_cache(import_torch_model(build_tiny("mistral_tied")))
+    folded = fold_transposes(lowered)
+    assert lowered.functions["decode"].op_counts()["permute"] == 16
+    assert "permute" not in folded.functions["decode"].op_counts()
+    ids = np.random.default_rng(8).integers(0, 512, (1, 7))
+
+    def prefill(module):
+        cache = _kv_reference(module)
+        cache.begin_forward([0], [7])
+        return run(module, "prefill", {"input_ids": ids, "positions": np.arange(7), "logit_rows": np.arange(7),
+                                       "kv_cache": cache})[0]
+    np.testing.assert_allclose(prefill(folded), prefill(lowered), atol=1e-6, rtol=0)

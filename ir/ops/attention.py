@@ -72,18 +72,22 @@ def _paged_attention_infer(types, attrs):
         raise IRError(f"op paged_attention: the 4th input must be the KV cache, got {cache}")
     if not 0 <= attrs["layer"] < cache.num_layers:
         raise IRError(f"op paged_attention: layer {attrs['layer']} is outside the cache's {cache.num_layers} layers")
-    want_q = (1, cache.num_q_heads, q.shape[2], cache.head_dim)
-    want_kv = (1, cache.num_kv_heads, q.shape[2], cache.head_dim)
+    want_q = (1, q.shape[1], cache.num_q_heads, cache.head_dim)
+    want_kv = (1, q.shape[1], cache.num_kv_heads, cache.head_dim)
     for t, want in ((q, want_q), (k, want_kv), (v, want_kv)):
         if t.rank != 4 or not all(D.equal(a, b) for a, b in zip(t.shape, want)) or t.dtype != cache.dtype:
             raise IRError(f"op paged_attention: got {t}, the cache needs {TensorType(want, cache.dtype)}")
     return q
 
 
-define("paged_attention", ("q", "k", "v", "cache"), _paged_attention_infer,
-       lambda values, attrs, out_shape: values[3].attend(attrs["layer"], values[0], values[1], values[2],
-                                                         attrs["scale"]),
-       "Causal attention of the tokens of the current batch (q, k, v of shape (1, heads, tokens, head_dim), "
-       "tokens of all sequences packed one after another) over each sequence's cached keys and values; "
-       "appends k and v to the cache of `layer` first.",
+def _paged_attention_reference(values, attrs, out_shape):
+    q, k, v, cache = values
+    heads_first = [np.ascontiguousarray(np.swapaxes(t, 1, 2)) for t in (q, k, v)]
+    return np.ascontiguousarray(np.swapaxes(cache.attend(attrs["layer"], *heads_first, attrs["scale"]), 1, 2))
+
+
+define("paged_attention", ("q", "k", "v", "cache"), _paged_attention_infer, _paged_attention_reference,
+       "Causal attention of the tokens of the current batch (q, k, v of shape (1, tokens, heads, head_dim), "
+       "token-major as the cache stores them, the tokens of all sequences packed one after another) over each "
+       "sequence's cached keys and values; appends k and v to the cache of `layer` first.",
        attrs={"layer": REQUIRED, "scale": REQUIRED})
