@@ -19,8 +19,11 @@ from .lower import lower_module
 
 
 def _tvm_failure(stage: str, target: Target, error: Exception) -> LlmcError:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    summary = lines[-1] if lines else type(error).__name__
+    """The line of a TVM error that says what went wrong (TVM puts source excerpts and carets around it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    wordy = [line for line in lines if any(c.isalpha() for c in line) and not line.startswith(("|", "-->"))]
+    summary = (errors or wordy or [type(error).__name__])[-1]
     return LlmcError(f"TVM failed to {stage} for target {target.name}: {summary}")
 
 

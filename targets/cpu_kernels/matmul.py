@@ -23,6 +23,15 @@ GROUP = 32
 IDX32 = [T.int32(i) for i in range(32)]
 
 
+PREFETCH_TASKS_AHEAD = 2
+
+
+def prefetch(buffer, row, column):
+    """Ask for buffer[row, column]'s cache line ahead of use: the weights stream from memory once per call."""
+    return T.call_llvm_intrin("void", "llvm.prefetch", T.address_of(buffer[row, column]), T.int32(0), T.int32(3),
+                              T.int32(1))
+
+
 def lane_sum(acc, base: int, lanes: int = LANES):
     """Sum of `lanes` accumulator lanes from `base` (a PrimExpr tree, built while TVMScript parses)."""
     total = acc[base]
@@ -55,6 +64,7 @@ def gemv_f32(n: int, k: int):
                     acc[T.Ramp(r * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                 for kl in range(k // LANES):
                     for r in T.unroll(rows):
+                        T.evaluate(prefetch(w, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1), kl * LANES))
                         acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + \
                             w[nb * rows + r, T.Ramp(kl * LANES, 1, LANES)] * x[i, T.Ramp(kl * LANES, 1, LANES)]
                 for r in T.unroll(rows):
@@ -145,6 +155,8 @@ def int8_gemv(n: int, k: int, bits: int):
                     offset[r] = T.float32(0)
                 for g in range(groups):
                     for r in T.unroll(rows):
+                        T.evaluate(prefetch(codes, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1),
+                                            g * (GROUP // 2 if bits == 4 else GROUP)))
                         acc[T.Ramp(r * 8, 1, 8)] = acc[T.Ramp(r * 8, 1, 8)] + \
                             T.Cast("float32x8", group_dot(codes, xq, nb * rows + r, i, g)) * \
                             T.Broadcast(T.Cast("float32", scales[nb * rows + r, g]) * xd[i, g], 8)
