@@ -29,7 +29,6 @@ def _tvm_failure(stage: str, target: Target, error: Exception) -> LlmcError:
 
 def build_library(module: Module, target: Target, directory: Path) -> dict[str, Any]:
     """Compile `module` for `target` into `directory`; return the target's metadata entry."""
-    tvm_target = target.tvm_target()
     try:
         irmodule = lower_module(module, target)
     except LlmcError:
@@ -37,7 +36,7 @@ def build_library(module: Module, target: Target, directory: Path) -> dict[str, 
     except Exception as error:  # TVM's FFI raises TVMError, TypeError, ValueError ...
         raise _tvm_failure("lower the graph to Relax", target, error) from None
     try:
-        executable = tvm.compile(irmodule, tvm_target, relax_pipeline=target.relax_pipeline())
+        executable = target.build(irmodule)
     except Exception as error:
         raise _tvm_failure("compile the kernels", target, error) from None
     library = directory / target.library_file()

@@ -4,7 +4,7 @@ Each IR function becomes a Relax function whose parameters are the function's in
 followed by one tuple holding every weight, in the order `weight_order` returns (the
 runtime passes them in that order). A module whose functions take a KV cache also gets
 `create_kv_cache`, which builds TVM's paged KV cache with TIR attention kernels for
-the target.
+the target, unless the target keeps a KV cache of its own (tensors its runtime fills).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
 from llmc.ir import INPUT, PARAM, Graph, KVCacheType, LlmcError, Module, TensorType
-from llmc.targets import Target
+from llmc.targets import OwnKVCache, Target
 
 from .prim import SymbolTable
 from .relax_ops import TABLE, LowerContext, lower_node
@@ -27,18 +27,18 @@ def weight_order(module: Module) -> list[str]:
     return sorted(module.weights)
 
 
-def _relax_type(t, symbols: SymbolTable):
+def _relax_type(t, symbols: SymbolTable, target: Target, own_cache: OwnKVCache | None):
     if isinstance(t, KVCacheType):
-        return relax.ObjectType()
-    return relax.TensorType(symbols.shape(t.shape), t.dtype)
+        return own_cache.relax_type(t, symbols) if own_cache is not None else relax.ObjectType()
+    return relax.TensorType(symbols.shape(t.shape), target.tensor_dtype(t.dtype))
 
 
 def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[TensorType], weight_index: dict[str, int],
-                    target: Target, kernels: dict) -> None:
+                    target: Target, kernels: dict, own_cache: OwnKVCache | None) -> None:
     symbols = SymbolTable()
-    inputs = [relax.Var(n.name, _relax_type(n.type, symbols)) for n in graph.inputs]
-    params = relax.Var("params", relax.TupleType([_relax_type(t, symbols) for t in weight_types]))
-    cx = LowerContext(bb, symbols, target, kernels)
+    inputs = [relax.Var(n.name, _relax_type(n.type, symbols, target, own_cache)) for n in graph.inputs]
+    params = relax.Var("params", relax.TupleType([_relax_type(t, symbols, target, own_cache) for t in weight_types]))
+    cx = LowerContext(bb, symbols, target, kernels, own_cache)
     with bb.function(graph.name, inputs + [params]):
         with bb.dataflow():
             values: dict[int, relax.Expr] = {}
@@ -87,12 +87,13 @@ def lower_module(module: Module, target: Target) -> "tvm.IRModule":  # noqa: F82
     bb = relax.BlockBuilder()
     caches = set()
     kernels: dict = {}
+    own_cache = target.own_kv_cache(PAGE_SIZE)
     for graph in module.functions.values():
-        _lower_function(bb, graph, weight_types, weight_index, target, kernels)
+        _lower_function(bb, graph, weight_types, weight_index, target, kernels, own_cache)
         caches.update(n.type for n in graph.inputs if isinstance(n.type, KVCacheType))
     if len(caches) > 1:
         raise LlmcError("the module's functions disagree about the KV cache they use")
-    if not caches:
+    if not caches or own_cache is not None:
         return bb.get()
     cache = caches.pop()
     _lower_kv_cache_creator(bb, cache, target.tvm_target())

@@ -19,7 +19,7 @@ from llmc.ir import dims as D
 from llmc.ir.ops.shape import slice_bounds
 from llmc.ir.quant_formats import GROUP
 from llmc.ir.types import KVCacheType, TensorType, numpy_dtype
-from llmc.targets import Kernel, Target
+from llmc.targets import Kernel, OwnKVCache, Target
 
 from .prim import SymbolTable
 
@@ -28,18 +28,29 @@ TABLE: dict[str, Lowering] = {}
 
 
 class LowerContext:
-    def __init__(self, bb: relax.BlockBuilder, symbols: SymbolTable, target: Target, kernels: dict[str, relax.GlobalVar]):
+    def __init__(self, bb: relax.BlockBuilder, symbols: SymbolTable, target: Target, kernels: dict[str, relax.GlobalVar],
+                 own_cache: OwnKVCache | None = None):
         self.bb = bb
         self.symbols = symbols
         self.target = target
+        self.own_cache = own_cache
         self._kernels = kernels
 
-    def call_kernel(self, kernel: Kernel, args: list, out_shape: list, dtype: str, name: str) -> relax.Expr:
-        """Call the target's hand-written kernel (added to the module once per distinct kernel)."""
+    def call_kernel(self, kernel: Kernel, args: list, out_shape: list, dtype: str, name: str,
+                    inplace: int | None = None) -> relax.Expr:
+        """Call the target's hand-written kernel (added to the module once per distinct kernel); with
+        `inplace`, the kernel writes its result into argument `inplace` instead of a new tensor."""
         if kernel.name not in self._kernels:
             self._kernels[kernel.name] = self.bb.add_func(kernel.func.with_attr("global_symbol", kernel.name),
                                                           kernel.name)
-        return self.emit(relax.call_tir(self._kernels[kernel.name], args, relax.TensorType(out_shape, dtype)), name)
+        out = relax.TensorType(out_shape, dtype)
+        call = (relax.call_tir(self._kernels[kernel.name], args, out) if inplace is None
+                else relax.call_tir_inplace(self._kernels[kernel.name], args, [inplace], out))
+        return self.emit(call, name)
+
+    def dtype(self, dtype: str) -> str:
+        """The dtype the target keeps tensors of `dtype` in."""
+        return self.target.tensor_dtype(dtype)
 
     def emit(self, expr: relax.Expr, name: str) -> relax.Expr:
         return self.bb.emit(expr, name_hint=name)
@@ -79,7 +90,7 @@ for _ir, _fn in {
 
 @lowers("cast")
 def _cast(cx, node, args):
-    return cx.emit(relax.op.astype(args[0], node.attrs["dtype"]), node.name)
+    return cx.emit(relax.op.astype(args[0], cx.dtype(node.attrs["dtype"])), node.name)
 
 
 def _reduce(relax_fn):
@@ -110,7 +121,7 @@ def _log_softmax(cx, node, args):
 
 @lowers("cumsum")
 def _cumsum(cx, node, args):
-    return cx.emit(relax.op.cumsum(args[0], node.attrs["axis"], node.type.dtype), node.name)
+    return cx.emit(relax.op.cumsum(args[0], node.attrs["axis"], cx.dtype(node.type.dtype)), node.name)
 
 
 def _as_rank3(cx, node: Node, value, name: str):
@@ -166,22 +177,42 @@ def _linear(cx, node, args):
     return cx.emit_te(compute, x, weight, *[a for a in (bias, residual) if a is not None], name="linear")
 
 
-def _dequantized_value(codes, scales, mins, bits: int, row, k):
+def _code_byte(codes, row, index, words: bool, signed: bool):
+    """Byte `index` of a row of codes; with `words`, cut out of the little-endian 32-bit word that holds it
+    and kept 32 bits wide (sign-extended when `signed`)."""
+    if not words:
+        return codes[row, index]
+    byte = (codes[row, index // 4] >> (index % 4 * 8).astype("uint32")) & tirx.const(255, "uint32")
+    if not signed:
+        return byte
+    return byte.astype("int32") - tirx.if_then_else(byte >= tirx.const(128, "uint32"), 256, 0)
+
+
+def _dequantized_value(codes, scales, mins, bits: int, row, k, words: bool):
     """The float weight at (row, k) that grouped quantized codes stand for (ir/quant_formats.py)."""
     group = k // GROUP
     scale = scales[row, group].astype("float32")
     if bits == 8:
-        return codes[row, k].astype("float32") * scale
+        return _code_byte(codes, row, k, words, signed=True).astype("float32") * scale
     position = k % GROUP
-    byte = codes[row, group * (GROUP // 2) + position % (GROUP // 2)]
-    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+    byte = _code_byte(codes, row, group * (GROUP // 2) + position % (GROUP // 2), words, signed=False)
+    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, byte.dtype),
+                               byte >> tirx.const(4, byte.dtype))
     return nibble.astype("float32") * scale + mins[row, group].astype("float32")
 
 
-def _dequantized(codes, scales, mins, bits: int, name: str):
+def _dequantized(codes, scales, mins, bits: int, words: bool, name: str):
     rows, groups = scales.shape
-    return te.compute((rows, groups * GROUP), lambda n, k: _dequantized_value(codes, scales, mins, bits, n, k),
+    return te.compute((rows, groups * GROUP), lambda n, k: _dequantized_value(codes, scales, mins, bits, n, k, words),
                       name=name)
+
+
+def _code_words(cx, codes_node: Node, codes, name: str):
+    """The codes as the target reads them: as they are, or viewed as 32-bit words when it has no 8-bit types."""
+    if not cx.target.bytes_as_words:
+        return codes
+    rows, width = codes_node.type.shape
+    return cx.emit(relax.op.memory.view(codes, relax.ShapeExpr([rows, width // 4]), "uint32"), name)
 
 
 @lowers("quantized_linear")
@@ -193,10 +224,12 @@ def _quantized_linear(cx, node, args):
         weights = [codes, scales] + [a for a in (mins, bias) if a is not None]
         return _call_matmul_kernel(cx, node, kernel, x, weights, residual)
     has_mins, has_bias, has_residual = mins is not None, bias is not None, residual is not None
+    words = cx.target.bytes_as_words
+    codes = _code_words(cx, node.inputs[1], codes, node.name + "_codes")
 
     def compute(x, codes, scales, *extra):
         extra = list(extra)
-        weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, "dequantized")
+        weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, words, "dequantized")
         bias = extra.pop(0) if has_bias else None
         residual = extra.pop(0) if has_residual else None
         k = te.reduce_axis((0, weight.shape[1]), name="k")
@@ -220,12 +253,14 @@ def _quantized_linear(cx, node, args):
 def _quantized_take(cx, node, args):
     codes, scales, mins, indices = args
     bits = node.attrs["bits"]
+    words = cx.target.bytes_as_words
+    codes = _code_words(cx, node.inputs[0], codes, node.name + "_codes")
 
     def compute(codes, scales, *rest):
         mins, indices = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
         groups = scales.shape[1]
         return te.compute(tuple(indices.shape) + (groups * GROUP,),
-                          lambda *i: _dequantized_value(codes, scales, mins, bits, indices[i[:-1]], i[-1]),
+                          lambda *i: _dequantized_value(codes, scales, mins, bits, indices[i[:-1]], i[-1], words),
                           name="quantized_take")
 
     operands = ([mins] if mins is not None else []) + [indices]
@@ -298,19 +333,24 @@ def _slice(cx, node, args):
 def _arange(cx, node, args):
     prim = cx.symbols.prim
     attrs = node.attrs
-    return cx.emit(relax.op.arange(prim(attrs["start"]), prim(attrs["end"]), prim(attrs["step"]), attrs["dtype"]),
-                   node.name)
+    return cx.emit(relax.op.arange(prim(attrs["start"]), prim(attrs["end"]), prim(attrs["step"]),
+                                   cx.dtype(attrs["dtype"])), node.name)
+
+
+def _scalar(cx, node) -> relax.Constant:
+    dtype = cx.dtype(node.type.dtype)
+    return relax.const(np.array(node.attrs["value"], dtype=numpy_dtype(dtype)), dtype)
 
 
 @lowers("full")
 def _full(cx, node, args):
-    value = relax.const(np.array(node.attrs["value"], dtype=numpy_dtype(node.type.dtype)), node.type.dtype)
-    return cx.emit(relax.op.full(cx.symbols.shape(node.type.shape), value, node.type.dtype), node.name)
+    return cx.emit(relax.op.full(cx.symbols.shape(node.type.shape), _scalar(cx, node), cx.dtype(node.type.dtype)),
+                   node.name)
 
 
 @lowers("constant")
 def _constant(cx, node, args):
-    return relax.const(np.array(node.attrs["value"], dtype=numpy_dtype(node.type.dtype)), node.type.dtype)
+    return _scalar(cx, node)
 
 
 @lowers("attention")
@@ -342,6 +382,8 @@ def _attention(cx, node, args):
 
 @lowers("paged_attention")
 def _paged_attention(cx, node, args):
+    if cx.own_cache is not None:
+        return cx.own_cache.attend(cx, node, args)
     q, k, v, cache = args
     cache_type: KVCacheType = node.inputs[3].type
     tokens = cx.symbols.prim(node.type.shape[1])

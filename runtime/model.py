@@ -3,7 +3,8 @@
 `CompiledModel.step` runs the tokens of several sequences at once (chunks of prompt
 for some, single tokens for others), appending to the paged KV cache, and returns the
 logits of the last token of each sequence, or of every token when asked. Batches whose
-sequences all add one token go to the `decode` entry point; the rest to `prefill`.
+sequences all add one token go to the `decode` entry point; the rest to `prefill`. An
+executor runs the entry points: TVM's VM for TVM libraries, wgpu for vulkan packages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llmc.targets import get_target
 
 from .kv_cache import PagedKVCache
 from .package import Package
+from .webgpu_model import WebGPUExecutor
 
 
 @dataclass(frozen=True)
@@ -36,32 +38,56 @@ class ContextOverflow(LlmcError):
     """More tokens than the model's context window."""
 
 
-class CompiledModel:
-    def __init__(self, package: Package, device: str = "cpu", cache: CacheSettings | None = None):
-        self.package = package
-        self.device_name = device
-        target = get_target(device)
-        self.device = target.device()
+class TVMExecutor:
+    """Prefill and decode of a TVM library (cpu, cuda) in TVM's Relax VM, over TVM's paged KV cache."""
+
+    def __init__(self, package: Package, device_name: str, max_batch_size: int, max_total_tokens: int,
+                 prefill_chunk: int):
+        self.device = get_target(device_name).device()
         meta = package.metadata
-        self.vocab_size = int(meta["model"]["vocab_size"])
-        self.context_length = int(meta["model"]["context_length"])
         try:
-            library = tvm.runtime.load_module(str(package.library_path(device)))
+            library = tvm.runtime.load_module(str(package.library_path(device_name)))
             self.vm = relax.VirtualMachine(library, self.device)
         except LlmcError:
             raise
         except Exception as error:  # TVM raises TVMError for unloadable libraries
-            raise LlmcError(f"cannot load the {device} library of {package.path}: {str(error).splitlines()[-1]}") from None
+            raise LlmcError(f"cannot load the {device_name} library of {package.path}: "
+                            f"{str(error).splitlines()[-1]}") from None
         weights = package.load_weights()
         self.params = [tvm.runtime.tensor(weights[name], self.device) for name in meta["weights"]["order"]]
-        settings = cache or CacheSettings(max_total_tokens=self.context_length)
-        self.cache = PagedKVCache(self.vm, settings.max_batch_size, settings.max_total_tokens,
-                                  settings.prefill_chunk, int(meta["kv_cache"]["page_size"]))
+        self.cache = PagedKVCache(self.vm, max_batch_size, max_total_tokens, prefill_chunk,
+                                  int(meta["kv_cache"]["page_size"]))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
     def _tensor(self, values: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(np.asarray(values, dtype=np.int64).reshape(shape), self.device)
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        return self._decode(self._tensor(tokens, (1, len(tokens))), self._tensor(positions, (len(positions),)),
+                            self.cache.handle, self.params).numpy()
+
+    def prefill(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        return self._prefill(self._tensor(tokens, (1, len(tokens))), self._tensor(positions, (len(positions),)),
+                             self._tensor(rows, (len(rows),)), self.cache.handle, self.params).numpy()
+
+
+# What runs a library, by the `runtime` its target records in the package (TVM's VM unless it says otherwise).
+EXECUTORS = {"tvm": TVMExecutor, "wgpu": WebGPUExecutor}
+
+
+class CompiledModel:
+    def __init__(self, package: Package, device: str = "cpu", cache: CacheSettings | None = None):
+        self.package = package
+        self.device_name = device
+        meta = package.metadata
+        self.vocab_size = int(meta["model"]["vocab_size"])
+        self.context_length = int(meta["model"]["context_length"])
+        settings = cache or CacheSettings(max_total_tokens=self.context_length)
+        executor = EXECUTORS[package.target(device).get("runtime", "tvm")]
+        self.executor = executor(package, device, settings.max_batch_size, settings.max_total_tokens,
+                                 settings.prefill_chunk)
+        self.cache = self.executor.cache
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -82,18 +108,14 @@ class CompiledModel:
         self.check_tokens(tokens)
         positions = [p for seq_id, count in zip(seq_ids, counts)
                      for p in range(self.cache.lengths[seq_id], self.cache.lengths[seq_id] + count)]
-        ids = self._tensor(tokens, (1, len(tokens)))
-        pos = self._tensor(positions, (len(positions),))
         self.cache.begin(seq_ids, counts)
         try:
             if all(c == 1 for c in counts) and not all_logits:
-                logits = self._decode(ids, pos, self.cache.handle, self.params)
-            else:
-                rows = np.arange(len(tokens)) if all_logits else np.cumsum(counts) - 1
-                logits = self._prefill(ids, pos, self._tensor(rows, (len(rows),)), self.cache.handle, self.params)
+                return self.executor.decode(tokens, positions)
+            rows = np.arange(len(tokens)) if all_logits else np.cumsum(counts) - 1
+            return self.executor.prefill(tokens, positions, rows)
         finally:
             self.cache.end(seq_ids, counts)
-        return logits.numpy()
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after every token of `tokens` (len, vocab), in a sequence of its own."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tvm
+from tvm import relax
 
 from llmc.ir import KVCacheType, LlmcError, Node
 
@@ -27,11 +28,27 @@ class Kernel:
     func: tvm.tirx.PrimFunc
 
 
+class OwnKVCache(ABC):
+    """A paged KV cache that a target keeps in plain tensors (page pools, page tables) which its
+    runtime fills, instead of TVM's KV cache object; `paged_attention` becomes the target's kernels."""
+
+    @abstractmethod
+    def relax_type(self, cache: KVCacheType, symbols: Any) -> relax.Type:
+        """The type of the entry functions' cache input (`symbols` makes the symbolic sizes)."""
+
+    @abstractmethod
+    def attend(self, cx: Any, node: Node, args: list) -> relax.Expr:
+        """Lower one `paged_attention` node through the lowering context `cx`."""
+
+
 class Target(ABC):
     """One kind of device llmc compiles for."""
 
     name: str = ""
     description: str = ""
+    # Read 8-bit tensors (quantized codes) as the 32-bit words that hold them, for kernel
+    # languages without 8-bit types (WGSL).
+    bytes_as_words: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,6 +71,18 @@ class Target(ABC):
         """Replacements for attention kernels of TVM's paged KV cache, by the name TVM gives them."""
         return {}
 
+    def tensor_dtype(self, dtype: str) -> str:
+        """The dtype this target keeps tensors of `dtype` in (one without 64-bit integers narrows them)."""
+        return dtype
+
+    def own_kv_cache(self, page_size: int) -> OwnKVCache | None:
+        """The target's own paged KV cache, or None to use TVM's (created by the library's `create_kv_cache`)."""
+        return None
+
+    def build(self, irmodule: tvm.IRModule) -> tvm.runtime.Executable:
+        """Compile the lowered module into an executable for this target."""
+        return tvm.compile(irmodule, self.tvm_target(), relax_pipeline=self.relax_pipeline())
+
     def library_file(self) -> str:
         return f"lib-{self.name}.so"
 
@@ -65,8 +94,9 @@ class Target(ABC):
         return {"name": self.name, "tvm_target": str(self.tvm_target())}
 
     @abstractmethod
-    def device(self) -> tvm.runtime.Device:
-        """The runtime device; raises LlmcError naming what is missing when absent."""
+    def device(self) -> Any:
+        """The runtime device (a TVM device, or the device object the target's runtime drives);
+        raises LlmcError naming what is missing when absent."""
 
 
 def get_target(name: str) -> Target:

@@ -1,0 +1,98 @@
+"""The paged KV cache of the vulkan runtime: page pools on the GPU, page tables in Python.
+
+It has the surface of `PagedKVCache` (sequences, lengths, free pages, begin/end around
+each step), so the engine and the scheduler drive both alike. Each layer has one pool of
+pages (pages, 2, kv_heads, page_size, head_dim), keys at 0 and values at 1, written by
+the kernels. `begin` gives the new tokens their pages and computes the step's tensors
+that the kernels read (targets/webgpu/kv_cache.py): each new token's pool slot, its
+sequence's row in the page table, how many keys it sees, and the page table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from llmc.ir import LlmcError
+
+
+class WebGPUKVCache:
+    def __init__(self, device: Any, layout: dict[str, Any], max_batch_size: int, max_total_tokens: int,
+                 prefill_chunk: int):
+        import wgpu
+
+        self.page_size = int(layout["page_size"])
+        self.max_total_tokens = max_total_tokens
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.pool_shape = (self.total_pages(), 2, int(layout["num_kv_heads"]), self.page_size, int(layout["head_dim"]))
+        size = int(np.prod(self.pool_shape)) * np.dtype(layout["dtype"]).itemsize
+        self.pools = [device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE)
+                      for _ in range(int(layout["num_layers"]))]
+        self.lengths: dict[int, int] = {}
+        self._pages: dict[int, list[int]] = {}
+        self._free = list(range(self.total_pages() - 1, -1, -1))
+        self._next_id = 0
+        self._step: dict[str, np.ndarray] = {}
+
+    def add_sequence(self) -> int:
+        if len(self.lengths) >= self.max_batch_size:
+            raise LlmcError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
+        seq_id = self._next_id
+        self._next_id += 1
+        self.lengths[seq_id] = 0
+        self._pages[seq_id] = []
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._free.extend(reversed(self._pages.pop(seq_id)))
+        del self.lengths[seq_id]
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the tokens after the first `length` of a sequence."""
+        if length < self.lengths[seq_id]:
+            self.lengths[seq_id] = length
+            pages = self._pages[seq_id]
+            while len(pages) > self.pages_for(length):
+                self._free.append(pages.pop())
+
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def total_pages(self) -> int:
+        return -(-self.max_total_tokens // self.page_size)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
+        wanted = sum(max(0, self.pages_for(self.lengths[s] + c) - len(self._pages[s])) for s, c in zip(seq_ids, counts))
+        if wanted > len(self._free):
+            raise LlmcError(f"the KV cache is full: the step needs {wanted} more pages, {len(self._free)} are free")
+        slots, rows, lengths = [], [], []
+        for row, (seq_id, count) in enumerate(zip(seq_ids, counts)):
+            pages = self._pages[seq_id]
+            start = self.lengths[seq_id]
+            while len(pages) < self.pages_for(start + count):
+                pages.append(self._free.pop())
+            for position in range(start, start + count):
+                slots.append(pages[position // self.page_size] * self.page_size + position % self.page_size)
+                rows.append(row)
+                lengths.append(position + 1)
+        table = np.zeros((len(seq_ids), max(len(self._pages[s]) for s in seq_ids)), dtype=np.int32)
+        for row, seq_id in enumerate(seq_ids):
+            table[row, :len(self._pages[seq_id])] = self._pages[seq_id]
+        self._step = {"slots": np.array(slots, np.int32), "token_rows": np.array(rows, np.int32),
+                      "token_lengths": np.array(lengths, np.int32), "page_table": table}
+
+    def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
+        self._step = {}
+        for seq_id, count in zip(seq_ids, counts):
+            self.lengths[seq_id] += count
+
+    def tensors(self) -> dict[str, Any]:
+        """The cache's inputs of the step between `begin` and `end`: (buffer, shape) for each layer's pool
+        (`pages.<layer>`), arrays for the step's tensors."""
+        pools = {f"pages.{layer}": (pool, self.pool_shape) for layer, pool in enumerate(self.pools)}
+        return {**pools, **self._step}

@@ -1,0 +1,39 @@
+"""The Relax pipeline GPU targets share: TVM's generic GPU passes with a chosen list of dlight rules."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.base import ScheduleRule
+
+
+def gpu_pipeline(target: tvm.target.Target, rules: Sequence[ScheduleRule]) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = [
+                relax.backend.DispatchSampling(),
+                relax.backend.DispatchSortScan(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                dlight.ApplyDefaultSchedule(*rules),
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+                relax.transform.LowerAllocTensor(),
+                relax.transform.KillAfterLastUse(),
+                relax.transform.LowerRuntimeBuiltin(),
+                relax.transform.ComputePrimValue(),
+                relax.transform.VMShapeLower(),
+                relax.transform.AttachGlobalSymbol(),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+    return pipeline

@@ -1,0 +1,104 @@
+"""The vulkan target: WGSL kernels from TVM's WebGPU codegen, run through wgpu.
+
+This TVM has no Vulkan codegen, but its WebGPU codegen writes WGSL, which wgpu runs on
+Vulkan (or on Metal, on a Mac). The library is not a TVM executable: `lib-vulkan.json`
+holds every kernel's WGSL and, for each entry point, a launch plan (kernels, buffers,
+grid sizes as expressions of the symbolic dimensions) that runtime/webgpu_model.py
+executes. The KV cache is llmc's own (webgpu/kv_cache.py): TVM's is a C++ object no
+shader can call. WGSL has neither 64-bit nor 8-bit integers, so int64 tensors are kept as
+int32 and quantized codes are read as 32-bit words. Subgroups stay off: TVM's WGSL
+assumes 32-lane subgroups, and devices differ (lavapipe has 8).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.backend import gpu_generic
+
+from llmc.ir import LlmcError
+
+from .base import OwnKVCache, Target
+from .webgpu.kernels import compile_kernels
+from .webgpu.kv_cache import TensorKVCache, field_names
+from .webgpu.launch_plan import function_plan
+
+PLAN_FORMAT = 1
+BACKENDS = ("Vulkan", "Metal")
+ADAPTER_PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+# Device limits the kernels may need beyond WebGPU's small defaults; the device gets the adapter's own values.
+LIMITS = ("max-buffer-size", "max-storage-buffer-binding-size", "max-storage-buffers-per-shader-stage",
+          "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
+          "max-compute-workgroup-size-x", "max-compute-workgroup-size-y", "max-compute-workgroup-size-z",
+          "max-compute-workgroups-per-dimension", "min-uniform-buffer-offset-alignment")
+
+
+@functools.cache
+def wgpu_device() -> Any:
+    """The wgpu device of this process on the best Vulkan (or, on macOS, Metal) adapter, with the
+    adapter's own limits."""
+    try:
+        import wgpu
+    except ImportError:
+        raise LlmcError("the vulkan device needs the wgpu package: pip install wgpu") from None
+    adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info["backend_type"] in BACKENDS]
+    if not adapters:
+        raise LlmcError("no Vulkan device is available here: install a Vulkan driver (on Debian or Ubuntu, "
+                        "`apt-get install mesa-vulkan-drivers` gives a software one) or use --device cpu")
+    adapter = min(adapters, key=lambda a: ADAPTER_PREFERENCE.get(a.info["adapter_type"], len(ADAPTER_PREFERENCE)))
+    features = [f for f in ("shader-f16",) if f in adapter.features]
+    limits = {key: adapter.limits[key] for key in LIMITS if key in adapter.limits}
+    return adapter.request_device_sync(required_features=features, required_limits=limits)
+
+
+class VulkanTarget(Target):
+    name = "vulkan"
+    description = "Vulkan GPUs through wgpu (WGSL kernels; Metal on macOS)"
+    bytes_as_words = True
+
+    def tvm_target(self) -> tvm.target.Target:
+        return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})
+
+    def relax_pipeline(self) -> tvm.transform.Pass:
+        """Legalize, fuse and schedule (dlight's GPU rules); the result stays a Relax module of TIR calls."""
+        target = self.tvm_target()
+
+        @tvm.transform.module_pass(opt_level=0)
+        def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            with target:
+                passes = gpu_generic.legalize_passes(target) + [relax.transform.DeadCodeElimination(),
+                                                                relax.transform.RewriteDataflowReshape()]
+                return tvm.transform.Sequential(passes)(mod)
+
+        return pipeline
+
+    def tensor_dtype(self, dtype: str) -> str:
+        return "int32" if dtype == "int64" else dtype
+
+    def own_kv_cache(self, page_size: int) -> OwnKVCache:
+        return TensorKVCache(page_size)
+
+    def build(self, irmodule: tvm.IRModule) -> dict[str, Any]:
+        scheduled = self.relax_pipeline()(irmodule)
+        functions = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tirx.PrimFunc)}
+        kernels, launches = compile_kernels(functions, self.tvm_target())
+        entries = {gv.name_hint: function_plan(gv.name_hint, f, field_names)
+                   for gv, f in scheduled.functions.items() if isinstance(f, relax.Function)}
+        return {"format": PLAN_FORMAT, "kernels": kernels, "functions": launches, "entries": entries}
+
+    def library_file(self) -> str:
+        return "lib-vulkan.json"
+
+    def export(self, executable: dict[str, Any], path: Path) -> None:
+        path.write_text(json.dumps(executable))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "runtime": "wgpu"}
+
+    def device(self) -> Any:
+        return wgpu_device()
