@@ -115,10 +115,11 @@ def int8_gemv(n: int, k: int, bits: int):
 
     def group_dot(codes, xq, row, i, g):
         """int32x8 partial sums of codes(row, group g) . xq(row i, group g)."""
-        if bits == 4:
+        if bits == 4:  # low nibbles then high nibbles: one 16-bit shift (x86 has no 8-bit one), one mask
             packed = codes[row, T.Ramp(g * 16, 1, 16)]
-            unsigned = T.Shuffle([T.bitwise_and(packed, T.Broadcast(T.uint8(15), 16)),
-                                  T.shift_right(packed, T.Broadcast(T.uint8(4), 16))], IDX32)
+            high = T.reinterpret("uint8x16", T.shift_right(T.reinterpret("uint16x8", packed),
+                                                           T.Broadcast(T.uint16(4), 8)))
+            unsigned = T.bitwise_and(T.Shuffle([packed, high], IDX32), T.Broadcast(T.uint8(15), 32))
             signed = xq[i, T.Ramp(g * GROUP, 1, GROUP)]
         else:  # |w| x (x with the sign of w): the operands vpmaddubsw needs, without overflow
             weights = codes[row, T.Ramp(g * GROUP, 1, GROUP)]
@@ -148,20 +149,32 @@ def int8_gemv(n: int, k: int, bits: int):
                 xs[i, g] = xd[i, g] * stats[1]
         for nb in T.parallel(n // rows):
             acc = T.alloc_buffer((rows * 8,), "float32")
-            offset = T.alloc_buffer((rows,), "float32")
+            offset = T.alloc_buffer((rows * 8,), "float32")
+            scale = T.alloc_buffer((rows * groups,), "float32")
             for i in range(m):
+                # Per row and group: the weight scale times the activation scale, and the minimums' share
+                # (min . activation sums), computed 8 groups at a time before the integer dot products.
                 for r in T.unroll(rows):
                     acc[T.Ramp(r * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
-                    offset[r] = T.float32(0)
+                    offset[T.Ramp(r * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    for c in range(groups // 8):
+                        scale[T.Ramp(r * groups + c * 8, 1, 8)] = \
+                            T.Cast("float32x8", scales[nb * rows + r, T.Ramp(c * 8, 1, 8)]) * xd[i, T.Ramp(c * 8, 1, 8)]
+                        if bits == 4:
+                            offset[T.Ramp(r * 8, 1, 8)] = offset[T.Ramp(r * 8, 1, 8)] + \
+                                T.Cast("float32x8", mins[nb * rows + r, T.Ramp(c * 8, 1, 8)]) * xs[i, T.Ramp(c * 8, 1, 8)]
+                    for g in range(groups - groups % 8, groups):
+                        scale[r * groups + g] = T.Cast("float32", scales[nb * rows + r, g]) * xd[i, g]
+                        if bits == 4:
+                            offset[r * 8] = offset[r * 8] + T.Cast("float32", mins[nb * rows + r, g]) * xs[i, g]
                 for g in range(groups):
                     for r in T.unroll(rows):
                         T.evaluate(prefetch(codes, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1),
                                             g * (GROUP // 2 if bits == 4 else GROUP)))
                         acc[T.Ramp(r * 8, 1, 8)] = acc[T.Ramp(r * 8, 1, 8)] + \
                             T.Cast("float32x8", group_dot(codes, xq, nb * rows + r, i, g)) * \
-                            T.Broadcast(T.Cast("float32", scales[nb * rows + r, g]) * xd[i, g], 8)
-                        if bits == 4:
-                            offset[r] = offset[r] + T.Cast("float32", mins[nb * rows + r, g]) * xs[i, g]
+                            T.Broadcast(scale[r * groups + g], 8)
                 for r in T.unroll(rows):
-                    y[i, nb * rows + r] = epilogue(offset[r] + lane_sum(acc, r * 8, 8), bias, res, i, nb * rows + r)
+                    y[i, nb * rows + r] = epilogue(lane_sum(offset, r * 8, 8) + lane_sum(acc, r * 8, 8), bias, res, i,
+                                                   nb * rows + r)
     return gemv
