@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import tvm
 
 from llmc.ir import LlmcError, Module
 from llmc.targets import Target

@@ -9,6 +9,7 @@ the target, unless the target keeps a KV cache of its own (tensors its runtime f
 
 from __future__ import annotations
 
+import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
@@ -79,7 +80,7 @@ def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_targ
         bb.emit_func_output(created)
 
 
-def lower_module(module: Module, target: Target) -> "tvm.IRModule":  # noqa: F821
+def lower_module(module: Module, target: Target) -> tvm.IRModule:
     weight_names = weight_order(module)
     types = module.param_types()
     weight_types = [types[n] for n in weight_names]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 
 import tvm
-from tvm import relax
-from tvm.s_tir import dlight
 from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
 
 from llmc.ir import KVCacheType, Node
@@ -18,6 +16,7 @@ from llmc.ir import KVCacheType, Node
 from .base import Kernel, Target
 from .cpu_kernels import attention, linear
 from .cpu_kernels.parallel_loops import ParallelLoops
+from .pipeline import relax_pipeline
 
 
 class CpuTarget(Target):
@@ -28,34 +27,7 @@ class CpuTarget(Target):
         return tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
-        target = self.tvm_target()
-
-        @tvm.transform.module_pass(opt_level=0)
-        def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-            with target:
-                passes = [
-                    relax.backend.DispatchSortScan(),
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    dlight.ApplyDefaultSchedule(ParallelLoops()),
-                    relax.transform.DeadCodeElimination(),
-                    relax.transform.RewriteDataflowReshape(),
-                    relax.transform.ToNonDataflow(),
-                    relax.transform.RemovePurityChecking(),
-                    relax.transform.CallTIRRewrite(),
-                    relax.transform.StaticPlanBlockMemory(),
-                    relax.transform.LowerAllocTensor(),
-                    relax.transform.LowerRuntimeBuiltin(),
-                    relax.transform.ComputePrimValue(),
-                    relax.transform.VMShapeLower(),
-                    relax.transform.AttachGlobalSymbol(),
-                ]
-                return tvm.transform.Sequential(passes)(mod)
-
-        return pipeline
+        return relax_pipeline(self.tvm_target(), [ParallelLoops()])
 
     def kernel(self, node: Node) -> Kernel | None:
         if node.op == "linear" and node.type.dtype == "float32":

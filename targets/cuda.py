@@ -26,7 +26,7 @@ from tvm.s_tir import dlight
 from llmc.ir import LlmcError
 
 from .base import Target
-from .gpu_pipeline import gpu_pipeline
+from .pipeline import relax_pipeline
 
 ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90")
 COMPILE_HOOK = "tvm_callback_cuda_compile"
@@ -122,7 +122,7 @@ class CudaTarget(Target):
         return tvm.target.Target({"kind": "cuda", "arch": ARCHITECTURES[0]}, host={"kind": "llvm"})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
-        return gpu_pipeline(self.tvm_target(), [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+        return relax_pipeline(self.tvm_target(), [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                                 dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()])
 
     def build(self, irmodule: tvm.IRModule) -> tvm.runtime.Executable:

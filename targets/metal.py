@@ -22,7 +22,7 @@ from tvm.s_tir import dlight
 from llmc.ir import LlmcError
 
 from .base import Target
-from .gpu_pipeline import gpu_pipeline
+from .pipeline import relax_pipeline
 
 SHIM = Path(__file__).resolve().parent / "metal_shim"
 UNIT = re.compile(r"^// Function: (\w+)$", re.MULTILINE)
@@ -64,7 +64,7 @@ class MetalTarget(Target):
     def relax_pipeline(self) -> tvm.transform.Pass:
         # dlight's Matmul rule (simdgroup matmul on Metal) spends about two minutes on each matmul with a
         # symbolic row count in this TVM; GEMV and the fallback schedule every kernel in seconds.
-        return gpu_pipeline(self.tvm_target(), [dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+        return relax_pipeline(self.tvm_target(), [dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                                 dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()])
 
     def library_file(self) -> str:

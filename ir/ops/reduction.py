@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import IRError
-from ..types import TensorType
 from . import rules
 from .registry import REQUIRED, as_dtype, define
 

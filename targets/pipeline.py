@@ -1,4 +1,5 @@
-"""The Relax pipeline GPU targets share: TVM's generic GPU passes with a chosen list of dlight rules."""
+"""The Relax pipeline every target shares: TVM's legalization, fusion and VM lowering passes, with the
+target's own scheduling (dlight rules) in the middle."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 
 
-def gpu_pipeline(target: tvm.target.Target, rules: Sequence[ScheduleRule]) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, rules: Sequence[ScheduleRule]) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
