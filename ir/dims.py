@@ -15,6 +15,10 @@ import sympy
 
 Dim = Union[int, sympy.Expr]
 
+# The name of the token count of a decode step (one token per sequence: a handful). Passes that make
+# decode functions use it, and codegen may schedule kernels over it as small.
+DECODE_TOKENS = "batch"
+
 
 def symbol(name: str) -> sympy.Symbol:
     """The symbolic size called `name` (positive integer, so sympy can simplify)."""

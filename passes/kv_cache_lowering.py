@@ -30,7 +30,7 @@ from .rewrite import Rule, builder_for, match, op, rewrite, var
 
 SWAP_HEADS_AND_TOKENS = [0, 2, 1, 3]
 SEQ = "seq"
-BATCH = "batch"
+BATCH = D.DECODE_TOKENS
 ROWS = "rows"
 MASK_CHECK_LENGTHS = (1, 6, 17)
 # Ops that act on each token's logits alone, which may follow the output head (casts, softcapping).

@@ -12,6 +12,7 @@ import tvm
 from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
 
 from llmc.ir import KVCacheType, Node
+from llmc.ir.dims import DECODE_TOKENS
 
 from .base import Kernel, Target
 from .cpu_kernels import attention, linear
@@ -27,7 +28,7 @@ class CpuTarget(Target):
         return tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
-        return relax_pipeline(self.tvm_target(), [ParallelLoops()])
+        return relax_pipeline(self.tvm_target(), [ParallelLoops(serial_dims=frozenset({DECODE_TOKENS}))])
 
     def kernel(self, node: Node) -> Kernel | None:
         if node.op == "linear" and node.type.dtype == "float32":

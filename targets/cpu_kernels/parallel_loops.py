@@ -14,10 +14,28 @@ from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
 
 
+def _symbolic_sizes(func: tirx.PrimFunc) -> set[str]:
+    """Names of the symbolic sizes in the shapes of `func`'s buffers."""
+    names = set()
+    for param in func.params:
+        for dim in getattr(param.ty, "shape", ()):
+            if not isinstance(dim, tirx.IntImm):
+                names.update(v.name for v in tirx.analysis.undefined_vars(dim))
+    return names
+
+
 class ParallelLoops(ScheduleRule):
+    """Parallelise every kernel, except those whose only symbolic size is in `serial_dims`: a parallel
+    launch costs a few microseconds, more than elementwise work on a decode step's few tokens."""
+
+    def __init__(self, serial_dims: frozenset[str] = frozenset()):
+        self.serial_dims = serial_dims
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc):
             return None
+        if _symbolic_sizes(func) <= self.serial_dims:
+            return s_tir.Schedule(func)
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
