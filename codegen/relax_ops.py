@@ -196,8 +196,8 @@ def _dequantized_value(codes, scales, mins, bits: int, row, k, words: bool):
         return _code_byte(codes, row, k, words, signed=True).astype("float32") * scale
     position = k % GROUP
     byte = _code_byte(codes, row, group * (GROUP // 2) + position % (GROUP // 2), words, signed=False)
-    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, byte.dtype),
-                               byte >> tirx.const(4, byte.dtype))
+    dtype = "uint32" if words else "uint8"
+    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, dtype), byte >> tirx.const(4, dtype))
     return nibble.astype("float32") * scale + mins[row, group].astype("float32")
 
 

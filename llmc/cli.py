@@ -79,15 +79,23 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
                           stop=tuple(stop), repetition_penalty=repetition_penalty)
 
 
-def _engine(model: str, device: str):
+def _package(model: str, device: str) -> Path:
+    """MODEL if it is a package, else MODEL compiled for `device` (an absent device is refused before compiling)."""
     from llmc.package_cache import package_for
+    from llmc.targets import get_target
+
+    get_target(device).device()
+    return package_for(model, device)
+
+
+def _engine(model: str, device: str):
     from llmc.runtime.engine import load
 
-    return load(package_for(model), device=device)
+    return load(_package(model, device), device=device)
 
 
 @app.command()
-def run(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+def run(model: str = typer.Argument(..., help="package directory or model (compiled for --device and cached)"),
         prompt: str = typer.Argument(...),
         max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
         temperature: float = typer.Option(0.0, "--temperature", help="0 means greedy"),
@@ -115,7 +123,7 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
 
 
 @app.command()
-def chat(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+def chat(model: str = typer.Argument(..., help="package directory or model (compiled for --device and cached)"),
          max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
          temperature: float = typer.Option(0.0, "--temperature"),
          top_p: float = typer.Option(1.0, "--top-p"),
@@ -145,7 +153,7 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
 
 
 @app.command()
-def serve(model: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+def serve(model: str = typer.Argument(..., help="package directory or model (compiled for --device and cached)"),
           host: str = typer.Option("127.0.0.1", "--host"),
           port: int = typer.Option(8000, "--port"),
           model_name: Optional[str] = typer.Option(None, "--model-name",
@@ -160,19 +168,18 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
           threads: Optional[int] = typer.Option(None, "--threads")) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     def action() -> None:
-        from llmc.package_cache import package_for
         from llmc.runtime.engine import load
         from llmc.runtime.server import serve as serve_http, serving_cache
 
         _threads(threads)
-        package = package_for(model)
+        package = _package(model, device)
         engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens))
         serve_http(engine, model_name or model, host, port)
     _guarded(action)
 
 
 @app.command()
-def bench(package: str = typer.Argument(..., help="package directory or model (compiled for the CPU and cached)"),
+def bench(package: str = typer.Argument(..., help="package directory or model (compiled for --device and cached)"),
           new_tokens: int = typer.Option(128, "--new-tokens"),
           runs: int = typer.Option(3, "--runs"),
           device: str = typer.Option("cpu", "--device"),

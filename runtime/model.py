@@ -72,7 +72,7 @@ class TVMExecutor:
                              self._tensor(rows, (len(rows),)), self.cache.handle, self.params).numpy()
 
 
-# What runs a library, by the `runtime` its target records in the package (TVM's VM unless it says otherwise).
+# What runs a target's libraries, by the target's `runtime`.
 EXECUTORS = {"tvm": TVMExecutor, "wgpu": WebGPUExecutor}
 
 
@@ -84,7 +84,7 @@ class CompiledModel:
         self.vocab_size = int(meta["model"]["vocab_size"])
         self.context_length = int(meta["model"]["context_length"])
         settings = cache or CacheSettings(max_total_tokens=self.context_length)
-        executor = EXECUTORS[package.target(device).get("runtime", "tvm")]
+        executor = EXECUTORS[get_target(device).runtime]
         self.executor = executor(package, device, settings.max_batch_size, settings.max_total_tokens,
                                  settings.prefill_chunk)
         self.cache = self.executor.cache

@@ -71,15 +71,11 @@ class Package:
     def target_names(self) -> list[str]:
         return list(self.metadata["targets"])
 
-    def target(self, name: str) -> dict[str, Any]:
-        """What the package records about its library for target `name`."""
-        if name not in self.metadata["targets"]:
-            raise PackageError(f"{self.path} has no library for device {name!r}; it was compiled for "
-                               f"{', '.join(self.target_names)}")
-        return self.metadata["targets"][name]
-
     def library_path(self, target: str) -> Path:
-        return self.path / self.target(target)["library"]
+        if target not in self.metadata["targets"]:
+            raise PackageError(f"{self.path} has no library for device {target!r}; it was compiled for "
+                               f"{', '.join(self.target_names)}")
+        return self.path / self.metadata["targets"][target]["library"]
 
     def load_weights(self) -> dict[str, np.ndarray]:
         """The weights, after checking the file against the hash recorded at compile time."""

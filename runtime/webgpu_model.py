@@ -2,14 +2,13 @@
 
 A step binds the plan's symbolic dimensions from the shapes of its inputs, gives every
 buffer of the plan a GPU buffer (the step's inputs and the KV cache's tensors; weights
-and constants uploaded once; temporaries from a pool, handed back once their last
-reader has run and kept for later steps), records every kernel launch into one command
-buffer and reads back the logits. Kernels are compiled by the driver on first use.
+uploaded once; temporaries from a pool, handed back once their last reader has run and
+kept for later steps), records every kernel launch into one command buffer and reads
+back the logits. Kernels are compiled by the driver on first use.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import struct
 from typing import Any, Sequence
@@ -89,17 +88,14 @@ class _BufferPool:
 
 
 class _EntryPlan:
-    """An entry function's plan with when each temporary is first written and last read."""
+    """An entry function's plan, with the last call that uses each buffer (the output's: none)."""
 
     def __init__(self, plan: dict):
         self.plan = plan
-        self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}
         for index, call in enumerate(plan["calls"]):
             for value in call["args"]:
-                buffer = plan["values"][value]["buffer"]
-                self.first.setdefault(buffer, index)
-                self.last[buffer] = index
+                self.last[plan["values"][value]["buffer"]] = index
         self.last[plan["values"][plan["output"]]["buffer"]] = len(plan["calls"])
 
 
@@ -126,7 +122,6 @@ class WebGPUExecutor:
         meta = package.metadata
         weights = package.load_weights()
         self.weights = [self._upload(weights[name]) for name in meta["weights"]["order"]]
-        self.constants: dict[tuple[str, int], Any] = {}
         self.pool = _BufferPool(self.device)
         self.cache = WebGPUKVCache(self.device, meta["kv_cache"], max_batch_size, max_total_tokens, prefill_chunk)
         self.max_workgroups = self.device.limits["max-compute-workgroups-per-dimension"]
@@ -164,65 +159,53 @@ class WebGPUExecutor:
             self.kernels[name] = _Kernel(self.device, name, self.kernel_entries[name])
         return self.kernels[name]
 
-    def _constant(self, function: str, index: int, spec: dict, dtype: str) -> Any:
-        if (function, index) not in self.constants:
-            data = np.frombuffer(base64.b64decode(spec["constant"]), dtype=dtype)
-            self.constants[function, index] = self._upload(data)
-        return self.constants[function, index]
-
     def _grid(self, x: int, y: int) -> tuple[int, int, int]:
         """Workgroups as dispatched: beyond the per-dimension limit, x is spread over z (the kernels
         rebuild blockIdx.x as z * gridDim.x + x and skip the blocks past the real count)."""
         if y > self.max_workgroups:
             raise LlmcError(f"a kernel needs {y} workgroups in y, more than this GPU's {self.max_workgroups}")
-        layers = -(-x // self.max_workgroups)
+        layers = max(1, -(-x // self.max_workgroups))
         return -(-x // layers), y, layers
 
     def _run(self, function: str, arrays: dict[str, Any]) -> np.ndarray:
-        entry = self.entries[function]
-        plan = entry.plan
+        plan = self.entries[function].plan
         inputs, names = self._inputs(plan, arrays)
         shapes = [[evaluate(d, names) for d in value["shape"]] for value in plan["values"]]
-        buffers: list[Any] = [None] * len(plan["buffers"])
-        for index, spec in enumerate(plan["buffers"]):
-            if "input" in spec:
-                buffers[index] = inputs[spec["input"]][0]
-            elif "weight" in spec:
-                buffers[index] = self.weights[spec["weight"]]
-        for index, value in enumerate(plan["values"]):
-            spec = plan["buffers"][value["buffer"]]
-            if "constant" in spec and buffers[value["buffer"]] is None:
-                buffers[value["buffer"]] = self._constant(function, value["buffer"], spec, value["dtype"])
-        self.pool.reset()
-        launches, uniforms = [], bytearray()
-        for index, call in enumerate(plan["calls"]):
-            for value in call["args"]:
-                buffer = plan["values"][value]["buffer"]
-                if buffers[buffer] is None:
-                    buffers[buffer] = self.pool.take(evaluate(plan["buffers"][buffer]["temp"], names))
-            dims = [shapes[v] for v in call["args"]]
-            for launch in self.functions[call["function"]]:
-                x, y = (evaluate(g, names, dims) for g in launch["grid"])
-                if x == 0 or y == 0:
-                    continue
-                kernel = self._kernel(launch["kernel"])
-                scalars = [evaluate(s, names, dims) for s in launch["scalars"]]
-                data = struct.pack(kernel.scalars, *scalars, x - 1)
-                offset = _padded(len(uniforms), self.uniform_alignment) if uniforms else 0
-                uniforms += bytes(offset - len(uniforms)) + data
-                bound = [call["args"][p] for p in launch["buffers"]]
-                storage = [(buffers[plan["values"][v]["buffer"]],
-                            _padded(_nbytes(shapes[v], plan["values"][v]["dtype"]))) for v in bound]
-                launches.append((kernel, storage, offset, len(data), self._grid(x, y)))
-            for value in call["args"]:
-                buffer = plan["values"][value]["buffer"]
-                if "temp" in plan["buffers"][buffer] and entry.last.get(buffer) == index:
-                    self.pool.give_back(buffers[buffer])
-        self._submit(launches, uniforms)
+        buffers = [inputs[spec["input"]][0] if "input" in spec else self.weights[spec["weight"]] if "weight" in spec
+                   else None for spec in plan["buffers"]]
+        self._submit(*self._record(function, names, shapes, buffers))
         output = plan["values"][plan["output"]]
         shape = shapes[plan["output"]]
         data = self.device.queue.read_buffer(buffers[output["buffer"]], 0, _padded(_nbytes(shape, output["dtype"])))
         return np.frombuffer(data, dtype=output["dtype"], count=int(np.prod(shape))).reshape(shape).copy()
+
+    def _record(self, function: str, names: dict[str, int], shapes: list[list[int]],
+                buffers: list[Any]) -> tuple[list, bytearray]:
+        """The launches of a step (kernel, bound buffers, uniform offset and size, grid) and their uniforms;
+        temporaries come from the pool as calls first write them and go back after their last reader."""
+        entry = self.entries[function]
+        plan = entry.plan
+        self.pool.reset()
+        launches, uniforms = [], bytearray()
+        for index, call in enumerate(plan["calls"]):
+            args = [(value, plan["values"][value]["buffer"]) for value in call["args"]]
+            for _, buffer in args:
+                if buffers[buffer] is None:
+                    buffers[buffer] = self.pool.take(evaluate(plan["buffers"][buffer]["temp"], names))
+            dims = [shapes[value] for value, _ in args]
+            for launch in self.functions[call["function"]]:
+                kernel = self._kernel(launch["kernel"])
+                x, y = (evaluate(g, names, dims) for g in launch["grid"])
+                data = struct.pack(kernel.scalars, *(evaluate(s, names, dims) for s in launch["scalars"]), x - 1)
+                offset = _padded(len(uniforms), self.uniform_alignment) if uniforms else 0
+                uniforms += bytes(offset - len(uniforms)) + data
+                storage = [(buffers[buffer], _padded(_nbytes(shapes[value], plan["values"][value]["dtype"])))
+                           for value, buffer in (args[p] for p in launch["buffers"])]
+                launches.append((kernel, storage, offset, len(data), self._grid(x, y)))
+            for _, buffer in args:
+                if "temp" in plan["buffers"][buffer] and entry.last[buffer] == index:
+                    self.pool.give_back(buffers[buffer])
+        return launches, uniforms
 
     def _submit(self, launches: list, uniforms: bytearray) -> None:
         uniform = self.device.create_buffer_with_data(data=bytes(uniforms) + bytes(_padded(len(uniforms), 16)

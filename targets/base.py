@@ -46,6 +46,8 @@ class Target(ABC):
 
     name: str = ""
     description: str = ""
+    # What runs the libraries: TVM's Relax VM, or the runtime's executor of that name.
+    runtime: str = "tvm"
     # Read 8-bit tensors (quantized codes) as the 32-bit words that hold them, for kernel
     # languages without 8-bit types (WGSL).
     bytes_as_words: bool = False

@@ -11,20 +11,26 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 
 
+def scheduling_passes(rules: Sequence[ScheduleRule]) -> list[tvm.transform.Pass]:
+    """Legalize, fuse and schedule (under a target): Relax calls of scheduled TIR kernels."""
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dlight.ApplyDefaultSchedule(*rules),
+        relax.transform.RewriteDataflowReshape(),
+    ]
+
+
 def relax_pipeline(target: tvm.target.Target, rules: Sequence[ScheduleRule]) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            passes = [
-                relax.backend.DispatchSampling(),
-                relax.backend.DispatchSortScan(),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                dlight.ApplyDefaultSchedule(*rules),
-                relax.transform.RewriteDataflowReshape(),
+            passes = scheduling_passes(rules) + [
                 relax.transform.ToNonDataflow(),
                 relax.transform.RemovePurityChecking(),
                 relax.transform.CallTIRRewrite(),

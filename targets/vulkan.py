@@ -19,11 +19,12 @@ from typing import Any
 
 import tvm
 from tvm import relax, tirx
-from tvm.relax.backend import gpu_generic
+from tvm.s_tir import dlight
 
 from llmc.ir import LlmcError
 
 from .base import OwnKVCache, Target
+from .pipeline import scheduling_passes
 from .webgpu.kernels import compile_kernels
 from .webgpu.kv_cache import TensorKVCache, field_names
 from .webgpu.launch_plan import function_plan
@@ -31,6 +32,11 @@ from .webgpu.launch_plan import function_plan
 PLAN_FORMAT = 1
 BACKENDS = ("Vulkan", "Metal")
 ADAPTER_PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+# dlight's GPU rules. The matmuls of prefill and decode are the same kernels (their row counts are both
+# symbolic), and LowBatchGEMV with buckets of one row comes first: decode gets a plain GEMV instead of a
+# matmul tile padded to 32 rows, at the price of prefill reading the weights once per token.
+SCHEDULE_RULES = (dlight.gpu.LowBatchGEMV(1), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                  dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
 # Device limits the kernels may need beyond WebGPU's small defaults; the device gets the adapter's own values.
 LIMITS = ("max-buffer-size", "max-storage-buffer-binding-size", "max-storage-buffers-per-shader-stage",
           "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
@@ -45,7 +51,7 @@ def wgpu_device() -> Any:
     try:
         import wgpu
     except ImportError:
-        raise LlmcError("the vulkan device needs the wgpu package: pip install wgpu") from None
+        raise LlmcError("the vulkan device needs the wgpu package: pip install 'wgpu>=0.32,<0.33'") from None
     adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info["backend_type"] in BACKENDS]
     if not adapters:
         raise LlmcError("no Vulkan device is available here: install a Vulkan driver (on Debian or Ubuntu, "
@@ -59,21 +65,21 @@ def wgpu_device() -> Any:
 class VulkanTarget(Target):
     name = "vulkan"
     description = "Vulkan GPUs through wgpu (WGSL kernels; Metal on macOS)"
+    runtime = "wgpu"
     bytes_as_words = True
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
-        """Legalize, fuse and schedule (dlight's GPU rules); the result stays a Relax module of TIR calls."""
+        """Legalize, fuse and schedule (dlight's GPU rules); the result stays Relax calls of TIR kernels,
+        which `build` turns into WGSL and launch plans."""
         target = self.tvm_target()
 
         @tvm.transform.module_pass(opt_level=0)
         def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
             with target:
-                passes = gpu_generic.legalize_passes(target) + [relax.transform.DeadCodeElimination(),
-                                                                relax.transform.RewriteDataflowReshape()]
-                return tvm.transform.Sequential(passes)(mod)
+                return tvm.transform.Sequential(scheduling_passes(SCHEDULE_RULES))(mod)
 
         return pipeline
 
@@ -96,9 +102,6 @@ class VulkanTarget(Target):
 
     def export(self, executable: dict[str, Any], path: Path) -> None:
         path.write_text(json.dumps(executable))
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "runtime": "wgpu"}
 
     def device(self) -> Any:
         return wgpu_device()

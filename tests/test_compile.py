@@ -40,7 +40,7 @@ def test_package_records_what_it_is(tiny_package):
     assert meta["targets"]["cpu"]["library"] == "lib-cpu.so"
     assert len(meta["weights"]["sha256"]) == 64
     assert meta["kv_cache"] == {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16,
-                                "dtype": "float32"}
+                                "dtype": "float32", "page_size": 16}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from llmc.ir import LlmcError
 from . import shape_expr
 
 _BINDING = re.compile(r"@binding\((\d+)\) var<storage, (read_write|read)>")
+_EIGHT_BIT = re.compile(r"\b(i8|u8)\b|array<bool")
 _WGSL_SCALAR = {"int32": "i32", "uint32": "u32", "float32": "f32"}
 _DEVICE_KERNEL = 2  # calling_conv of a kernel launched from host code
 _GRID_AXES = ("blockIdx.x", "blockIdx.y")
@@ -52,18 +53,19 @@ class _HostReader:
     """Reads the launches of one function's host side in terms of its parameters."""
 
     def __init__(self, func: tirx.PrimFunc, name: str):
+        self.func = func
         self.name = name
-        self.params = list(func.params)
         self.dims: list[tuple[tirx.Var, shape_expr.Expr]] = []
-        for p, param in enumerate(self.params):
+        for p, param in enumerate(func.params):
             for d, extent in enumerate(param.ty.shape):
                 if isinstance(extent, tirx.Var) and self._known(extent, self.dims) is None:
                     self.dims.append((extent, ["dim", p, d]))
         self.lets: list[tuple[tirx.Var, shape_expr.Expr]] = []
-        self.buffers: list[tuple[tirx.Var, int]] = [(param, p) for p, param in enumerate(self.params)]
+        self.buffers: list[tuple[tirx.Var, int]] = [(param, p) for p, param in enumerate(func.params)]
 
     @staticmethod
-    def _known(var, table):
+    def _known(var: tirx.Var, table: list[tuple[tirx.Var, Any]]) -> Any:
+        """What `table` says about `var` (TVM variables compare by identity, not by ==)."""
         return next((value for known, value in table if known.same_as(var)), None)
 
     def _leaf(self, var) -> shape_expr.Expr:
@@ -84,9 +86,9 @@ class _HostReader:
             raise LlmcError(f"kernel function {self.name} launches a kernel on a buffer it allocates itself")
         return index
 
-    def launches(self, body, kernels: tvm.IRModule) -> list[dict]:
+    def launches(self, kernels: tvm.IRModule) -> list[dict]:
         launches = []
-        for stmt in _statements(body):
+        for stmt in _statements(self.func.body):
             kind = type(stmt).__name__
             if kind == "Bind":
                 self.lets.append((stmt.var, self.expr(stmt.value)))
@@ -118,6 +120,9 @@ class _HostReader:
 
 
 def _kernel_entry(func: tirx.PrimFunc, wgsl: str, name: str) -> dict:
+    if _EIGHT_BIT.search(wgsl):
+        raise LlmcError(f"kernel {name} keeps 8-bit values in memory, which WGSL cannot (no i8, u8 or bool "
+                        "arrays): the vulkan target reads only quantized codes, as 32-bit words")
     bindings = sorted((int(index), access == "read_write") for index, access in _BINDING.findall(wgsl))
     pointers = sum(isinstance(p.ty, tvm.ir.PointerType) for p in func.params)
     if [index for index, _ in bindings] != list(range(pointers)):
@@ -143,5 +148,5 @@ def compile_kernels(functions: dict[str, tirx.PrimFunc], target: tvm.target.Targ
     for gv, func in device.functions.items():
         wgsl = codegen(tvm.IRModule({gv: func}), func.attrs["target"]).inspect_source()
         kernels[gv.name_hint] = _kernel_entry(func, wgsl, gv.name_hint)
-    launches = {name: _HostReader(split[name], name).launches(split[name].body, device) for name in functions}
+    launches = {name: _HostReader(split[name], name).launches(device) for name in functions}
     return kernels, launches

@@ -5,7 +5,7 @@ straight line of TIR function calls over tensors. Its plan lists:
 - `inputs`: the tensors the runtime passes (a tuple input, the KV cache, becomes one
   input per field, named by `field_names`), with dtypes and shapes;
 - `buffers`: where each tensor lives: an input, a weight (by its index in the weights
-  tuple), a constant (its bytes, base64), or a temporary (its size in bytes);
+  tuple) or a temporary (its size in bytes);
 - `values`: every tensor as (buffer, shape, dtype); a reshape or view is a new value of
   the same buffer, and a call that writes in place returns its argument's buffer;
 - `calls`: TIR function calls in order, over values (inputs first, then outputs);
@@ -15,7 +15,6 @@ Shapes and sizes are size expressions (shape_expr.py) over the step's dimensions
 
 from __future__ import annotations
 
-import base64
 from typing import Callable
 
 import numpy as np
@@ -63,13 +62,9 @@ class _PlanBuilder:
         return self.new_buffer({"input": name}, ty)
 
     def operand(self, expr) -> int:
-        if isinstance(expr, tvm.ir.expr.Constant):
-            data = expr.value.numpy()
-            return self.new_buffer({"constant": base64.b64encode(np.ascontiguousarray(data).tobytes()).decode()},
-                                   expr.ty)
         value = self.ids.get(expr)
         if not isinstance(value, int):
-            raise LlmcError(f"function {self.name}: {expr} is not a tensor the vulkan runtime knows")
+            raise LlmcError(f"function {self.name}: the vulkan runtime has no tensor for the argument {expr}")
         return value
 
     def outputs(self, ty) -> int | list:

@@ -1,0 +1,188 @@
+"""The vulkan target on the Vulkan device of this machine (in CI, lavapipe: Mesa's software one).
+
+One compile gives one package with a CPU and a vulkan library; the vulkan library must give
+the CPU library's logits (1e-4 relative) and greedy tokens: tiny models, chunked prefill, two
+sequences in one batch, continuous batching with a KV cache small enough to make requests
+wait and be preempted, `llmc run --device vulkan`, and the bundled SmolLM2. Quantized (q4)
+models are held to the CPU's exact numbers: its decode kernel quantizes activations to int8,
+the vulkan kernels do not (see `_greedy_by_prefill`). Tests that need a device are skipped,
+with the reason, where there is none; the refusal of an absent device is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+import llmc
+from llmc.compiler import compile_model
+from llmc.ir import LlmcError
+from llmc.passes.pipeline import PassOptions
+from llmc.runtime.model import CacheSettings
+from llmc.runtime.request import Request
+from llmc.runtime.sampling import SamplingParams
+from llmc.runtime.scheduler import Scheduler
+from llmc.targets import get_target
+from llmc.targets.cpu_kernels.matmul import GEMV_ROWS
+
+NEW_TOKENS = 48
+VOCAB = 512
+
+
+def _absent_device() -> str | None:
+    try:
+        get_target("vulkan").device()
+    except LlmcError as error:
+        return str(error)
+    return None
+
+
+ABSENT = _absent_device()
+needs_vulkan = pytest.mark.skipif(ABSENT is not None, reason=f"no Vulkan device: {ABSENT}")
+
+
+def _word_tokenizer(folder) -> None:
+    """A word-level tokenizer for the tiny models' vocabulary: "w0" .. "w511"."""
+    backend = HFTokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model, tmp_path_factory):
+    """(tiny model name, quantization) -> a package compiled for cpu and vulkan, with a word tokenizer."""
+    built: dict[tuple[str, str], str] = {}
+
+    def get(name: str, quant: str = "f32") -> str:
+        if (name, quant) not in built:
+            folder = tmp_path_factory.mktemp(f"{name}-{quant}")
+            _word_tokenizer(folder / "tokenizer")
+            built[name, quant] = str(compile_model(tiny_model(name), folder / "pkg", targets=["cpu", "vulkan"],
+                                                   options=PassOptions(quant), tokenizer=folder / "tokenizer"))
+        return built[name, quant]
+    return get
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(2, VOCAB, length).tolist()
+
+
+def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def _greedy_by_prefill(engine, prompt: list[int], count: int) -> list[int]:
+    """Greedy tokens from prefill alone. The CPU's quantized matmuls on few rows (decode) quantize the
+    activations to int8 per group, as llama.cpp does; on GEMV_ROWS rows or more they are exact, and so is
+    the vulkan target (the op's meaning, ir/ops/quantized.py). This is the exact model's greedy output."""
+    assert len(prompt) >= GEMV_ROWS
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(int(np.argmax(engine.forward(tokens)[-1])))
+    return tokens[len(prompt):]
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied"])
+def test_vulkan_gives_the_cpu_logits_and_greedy_tokens(package, name):
+    cpu, vulkan = llmc.load(package(name)), llmc.load(package(name), device="vulkan")
+    prompt = _prompt(7, 9)
+    assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    assert vulkan.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids
+
+
+@needs_vulkan
+def test_vulkan_q4_gives_the_exact_logits_and_greedy_tokens(package):
+    cpu, vulkan = llmc.load(package("llama_gqa_untied", "q4")), llmc.load(package("llama_gqa_untied", "q4"),
+                                                                          device="vulkan")
+    prompt = _prompt(7, 9)
+    assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert vulkan.generate(prompt, params).output_ids == _greedy_by_prefill(cpu, prompt, 24)
+
+
+@needs_vulkan
+def test_chunked_prefill_gives_the_same_logits_and_tokens(package):
+    cpu = llmc.load(package("qwen2_tied"))
+    chunked = llmc.load(package("qwen2_tied"), device="vulkan",
+                        cache=CacheSettings(max_total_tokens=256, prefill_chunk=5))
+    prompt = _prompt(8, 37)
+    assert _relative_error(chunked.forward(prompt), cpu.forward(prompt)) <= 1e-4
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert chunked.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids
+
+
+@needs_vulkan
+def test_two_sequences_in_one_batch_match_each_alone(package):
+    cpu, vulkan = llmc.load(package("llama_gqa_untied")), llmc.load(package("llama_gqa_untied"), device="vulkan")
+    prompts = [_prompt(9, 5), _prompt(10, 11)]
+    alone = [cpu.generate(p, SamplingParams(max_tokens=12, ignore_eos=True)).output_ids for p in prompts]
+    seqs = [vulkan.model.cache.add_sequence() for _ in prompts]
+    chunks, steps = prompts, []
+    for _ in range(12):
+        steps.append([int(np.argmax(row)) for row in vulkan.model.step(seqs, chunks)])
+        chunks = [[token] for token in steps[-1]]
+    assert [list(tokens) for tokens in zip(*steps)] == alone
+
+
+@needs_vulkan
+def test_continuous_batching_with_a_small_cache_gives_each_request_its_tokens(package):
+    """Three pages of 16 tokens for three requests of 12-14 prompt tokens that each grow past a page:
+    requests wait, and the newest are preempted and recomputed."""
+    cpu = llmc.load(package("mistral_untied"))
+    vulkan = llmc.load(package("mistral_untied"), device="vulkan",
+                       cache=CacheSettings(max_total_tokens=48, max_batch_size=4, prefill_chunk=16))
+    prompts = [_prompt(20 + i, 14 - i) for i in range(3)]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    requests = [Request(p, params, None, [], vulkan.context_length) for p in prompts]
+    scheduler = Scheduler(vulkan.model)
+    for request in requests:
+        scheduler.add(request)
+    while scheduler.has_work:
+        scheduler.step()
+    assert scheduler.stats.preemptions > 0
+    assert vulkan.model.cache.free_pages() == vulkan.model.cache.total_pages()
+    assert [r.output_ids for r in requests] == [cpu.generate(p, params).output_ids for p in prompts]
+
+
+@needs_vulkan
+def test_llmc_run_on_the_vulkan_device(package):
+    def run(device: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "llmc.cli", "run", package("llama_gqa_untied"),
+                                 "w5 w17 w301 w44", "--raw", "--json", "--max-tokens", "12", "--device", device],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert run("vulkan")["output_ids"] == run("cpu")["output_ids"]
+
+
+def test_an_absent_vulkan_device_is_refused_with_what_is_missing(monkeypatch):
+    wgpu = pytest.importorskip("wgpu")
+    from llmc.targets.vulkan import wgpu_device
+
+    monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", lambda: [])
+    with pytest.raises(LlmcError, match="no Vulkan device is available here: install a Vulkan driver"):
+        wgpu_device.__wrapped__()
+
+
+@needs_vulkan
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f32", "q4"])
+def test_smollm2_on_vulkan_generates_the_cpu_tokens(tmp_path, quant):
+    """f32: the CPU package's `generate`; q4: the CPU package's exact greedy tokens (`_greedy_by_prefill`)."""
+    path = compile_model("smollm2-135m", tmp_path / "pkg", targets=["cpu", "vulkan"], options=PassOptions(quant))
+    cache = CacheSettings(max_total_tokens=512)
+    cpu, vulkan = llmc.load(path, cache=cache), llmc.load(path, device="vulkan", cache=cache)
+    prompt = cpu.encode("The capital of France is Paris. The capital of Italy is")
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    expected = cpu.generate(prompt, params).output_ids if quant == "f32" else _greedy_by_prefill(cpu, prompt, 16)
+    assert vulkan.generate(prompt, params).output_ids == expected
