@@ -146,6 +146,24 @@ def _call_matmul_kernel(cx, node: Node, kernel: Kernel, x, weights: list, residu
     return cx.emit(relax.op.reshape(out, cx.symbols.shape(shape)), node.name)
 
 
+def _matmul_te(x, weight, bias, residual, name: str):
+    """x (..., K) times weight (N, K) transposed, plus bias (N) and residual (..., N) when given, in TE."""
+    k = te.reduce_axis((0, weight.shape[1]), name="k")
+    product = te.compute(tuple(x.shape[:-1]) + (weight.shape[0],),
+                         lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name=name)
+    if bias is None and residual is None:
+        return product
+
+    def epilogue(*i):
+        value = product[i]
+        if bias is not None:
+            value = value + bias[i[-1]]
+        if residual is not None:
+            value = value + residual[i]
+        return value
+    return te.compute(product.shape, epilogue, name=name + "_epilogue")
+
+
 @lowers("linear")
 def _linear(cx, node, args):
     x, weight, bias, residual = args
@@ -156,23 +174,7 @@ def _linear(cx, node, args):
     has_bias, has_residual = bias is not None, residual is not None
 
     def compute(x, weight, *extra):
-        bias = extra[0] if has_bias else None
-        residual = extra[-1] if has_residual else None
-        k = te.reduce_axis((0, weight.shape[1]), name="k")
-        product = te.compute(
-            tuple(x.shape[:-1]) + (weight.shape[0],),
-            lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name="linear")
-        if bias is None and residual is None:
-            return product
-
-        def epilogue(*i):
-            value = product[i]
-            if bias is not None:
-                value = value + bias[i[-1]]
-            if residual is not None:
-                value = value + residual[i]
-            return value
-        return te.compute(product.shape, epilogue, name="linear_epilogue")
+        return _matmul_te(x, weight, extra[0] if has_bias else None, extra[-1] if has_residual else None, "linear")
 
     return cx.emit_te(compute, x, weight, *[a for a in (bias, residual) if a is not None], name="linear")
 
@@ -232,18 +234,7 @@ def _quantized_linear(cx, node, args):
         weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, words, "dequantized")
         bias = extra.pop(0) if has_bias else None
         residual = extra.pop(0) if has_residual else None
-        k = te.reduce_axis((0, weight.shape[1]), name="k")
-        product = te.compute(tuple(x.shape[:-1]) + (weight.shape[0],),
-                             lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name="quantized_linear")
-
-        def epilogue(*i):
-            value = product[i]
-            if bias is not None:
-                value = value + bias[i[-1]]
-            if residual is not None:
-                value = value + residual[i]
-            return value
-        return te.compute(product.shape, epilogue, name="epilogue") if has_bias or has_residual else product
+        return _matmul_te(x, weight, bias, residual, "quantized_linear")
 
     operands = [a for a in (mins, bias, residual) if a is not None]
     return cx.emit_te(compute, x, codes, scales, *operands, name="quantized_linear")

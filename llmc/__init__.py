@@ -6,6 +6,9 @@ one and returns an engine with `forward`, `generate`, `stream` and `chat`.
 """
 
 from llmc.ir.errors import LlmcError
+from llmc.threads import set_default_threads
+
+set_default_threads()
 
 
 def compile(model, output, targets=("cpu",), quantization: str = "f32"):  # noqa: A001  (the public verb)

@@ -53,8 +53,7 @@ class TVMExecutor:
         except Exception as error:  # TVM raises TVMError for unloadable libraries
             raise LlmcError(f"cannot load the {device_name} library of {package.path}: "
                             f"{str(error).splitlines()[-1]}") from None
-        weights = package.load_weights()
-        self.params = [tvm.runtime.tensor(weights[name], self.device) for name in meta["weights"]["order"]]
+        self.params = [tvm.runtime.tensor(weight, self.device) for weight in package.weights()]
         self.cache = PagedKVCache(self.vm, max_batch_size, max_total_tokens, prefill_chunk,
                                   int(meta["kv_cache"]["page_size"]))
         self._prefill = self.vm["prefill"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -77,20 +78,40 @@ class Package:
                                f"{', '.join(self.target_names)}")
         return self.path / self.metadata["targets"][target]["library"]
 
-    def load_weights(self) -> dict[str, np.ndarray]:
-        """The weights, after checking the file against the hash recorded at compile time."""
-        from safetensors.numpy import load_file
-
+    def weights(self) -> Iterator[np.ndarray]:
+        """The weights in the order the entry points take them, after checking the file against the hash
+        recorded at compile time. They are read one at a time with plain reads rather than through a memory
+        map, so that the file's pages never count in the process's memory, and the caller can copy each to
+        its device before the next is read."""
         weights_file = self.path / WEIGHTS_FILE
-        expected = self.metadata["weights"]["sha256"]
-        if file_sha256(weights_file) != expected:
+        if file_sha256(weights_file) != self.metadata["weights"]["sha256"]:
             raise PackageError(f"{weights_file} does not match the hash recorded when the package was built: "
                                "the file is corrupt or was replaced. Recompile the model.")
-        try:
-            weights = load_file(str(weights_file))
-        except Exception as error:  # safetensors raises its own error types
-            raise PackageError(f"{weights_file} cannot be read: {error}") from None
-        missing = [n for n in self.metadata["weights"]["order"] if n not in weights]
-        if missing:
-            raise PackageError(f"{weights_file} lacks weight {missing[0]!r}")
-        return weights
+        with open(weights_file, "rb") as handle:
+            header, data_start = _safetensors_header(handle, weights_file)
+            for name in self.metadata["weights"]["order"]:
+                if name not in header:
+                    raise PackageError(f"{weights_file} lacks weight {name!r}")
+                entry = header[name]
+                begin, end = entry["data_offsets"]
+                handle.seek(data_start + begin)
+                array = np.frombuffer(handle.read(end - begin), dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+                yield array.reshape(entry["shape"])
+
+
+# The dtypes of safetensors' header that packages hold.
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32,
+                       "I64": np.int64}
+
+
+def _safetensors_header(handle: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
+    """The tensor table of a safetensors file (8-byte little-endian length, then JSON) and where data starts."""
+    try:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        if any(entry["dtype"] not in _SAFETENSORS_DTYPES for entry in header.values()):
+            raise ValueError("a tensor has a dtype that llmc packages do not use")
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise PackageError(f"{path} cannot be read as safetensors: {error}") from None
+    return header, 8 + length

@@ -120,8 +120,7 @@ class WebGPUExecutor:
         self.entries = {name: _EntryPlan(plan) for name, plan in library["entries"].items()}
         self.kernels: dict[str, _Kernel] = {}
         meta = package.metadata
-        weights = package.load_weights()
-        self.weights = [self._upload(weights[name]) for name in meta["weights"]["order"]]
+        self.weights = [self._upload(weight) for weight in package.weights()]
         self.pool = _BufferPool(self.device)
         self.cache = WebGPUKVCache(self.device, meta["kv_cache"], max_batch_size, max_total_tokens, prefill_chunk)
         self.max_workgroups = self.device.limits["max-compute-workgroups-per-dimension"]
