@@ -16,6 +16,7 @@ from llmc.ir.dims import DECODE_TOKENS
 
 from .base import Kernel, Target
 from .cpu_kernels import attention, linear
+from .cpu_kernels.fast_math import use_polynomial_exp
 from .cpu_kernels.parallel_loops import ParallelLoops
 from .pipeline import relax_pipeline
 
@@ -28,6 +29,7 @@ class CpuTarget(Target):
         return tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
+        use_polynomial_exp()
         return relax_pipeline(self.tvm_target(), [ParallelLoops(serial_dims=frozenset({DECODE_TOKENS}))])
 
     def kernel(self, node: Node) -> Kernel | None:

@@ -16,34 +16,14 @@ NONE), so the rotary arguments are accepted and ignored.
 
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
 from .common import opaque
+from .fast_math import LOG2E, exp2
 
-LOG2E = math.log2(math.e)
 BLOCK = 8
 CHAINS = 4
 EMPTY = -5e4  # the log-sum-exp of no keys, as TVM's kernels write it (the merge weighs it as nothing)
-
-
-# 2**f on [0, 1): least-squares degree-6 fit on Chebyshev nodes (relative error 2.6e-9, below f32 rounding).
-EXP2_COEFFICIENTS = (1.0000000025868887, 0.6931469286930426, 0.24023050204510465, 0.055480426324716045,
-                     0.00968458045497916, 0.0012387821452754277, 0.00021877504861477862)
-
-
-def _exp2_lanes(x):
-    """2**x on 8 float lanes without a libm call per lane: 2**floor(x) from the exponent bits times a
-    polynomial in the fraction (x is clamped to -126, where the result is as good as zero)."""
-    x = T.max(x, T.Broadcast(T.float32(-126.0), 8))
-    whole = T.floor(x)
-    fraction = x - whole
-    poly = T.Broadcast(T.float32(EXP2_COEFFICIENTS[-1]), 8)
-    for coefficient in EXP2_COEFFICIENTS[-2::-1]:
-        poly = poly * fraction + T.Broadcast(T.float32(coefficient), 8)
-    exponent = T.shift_left(T.Cast("int32x8", whole) + T.Broadcast(T.int32(127), 8), T.Broadcast(T.int32(23), 8))
-    return poly * T.reinterpret("float32x8", exponent)
 
 
 def _sum8(buffer, base):
@@ -92,7 +72,7 @@ def _online_softmax(head_dim: int, group: int, key, value):
             state[1] = state[1] * rescale
             for vec in T.unroll(vectors):
                 acc[T.Ramp(vec * 8, 1, 8)] = acc[T.Ramp(vec * 8, 1, 8)] * T.Broadcast(rescale, 8)
-            scores[T.Ramp(0, 1, BLOCK)] = _exp2_lanes(scores[T.Ramp(0, 1, BLOCK)] - T.Broadcast(state[0], BLOCK))
+            scores[T.Ramp(0, 1, BLOCK)] = exp2(scores[T.Ramp(0, 1, BLOCK)] - T.Broadcast(state[0], BLOCK))
             for t in T.unroll(BLOCK):
                 if block * BLOCK + t < n_keys:
                     state[1] = state[1] + scores[t]
@@ -169,7 +149,7 @@ def _prefill_heads(head_dim: int, group: int, key, value):
                 state[2] = T.max(state[0], _max8(scores))
                 rescale = T.exp2(state[0] - state[2])
                 state[0] = state[2]
-                scores[T.Ramp(0, 1, BLOCK)] = T.Select(inside, _exp2_lanes(scores[T.Ramp(0, 1, BLOCK)] -
+                scores[T.Ramp(0, 1, BLOCK)] = T.Select(inside, exp2(scores[T.Ramp(0, 1, BLOCK)] -
                                                                            T.Broadcast(state[0], BLOCK)),
                                                        T.Broadcast(T.float32(0), BLOCK))
                 state[1] = state[1] * rescale + _sum8(scores, 0)

@@ -1,5 +1,7 @@
 """The CPU schedule for every kernel llmc does not hand-write: inline what can be inlined,
-then run each remaining block's spatial loops as one parallel loop.
+then run each remaining block's spatial loops as one parallel loop; an elementwise block
+whose innermost loop has a constant extent divisible by 8 keeps that loop apart and runs
+it on 8-lane vectors (one AVX register of float32), with the outer loops in parallel.
 
 TVM's CPU pipeline schedules nothing, so fused elementwise kernels (SwiGLU, rotary
 embedding, norms) would otherwise run on one core. This is a dlight rule: it is applied
@@ -12,6 +14,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target import Target
+
+LANES = 8
 
 
 def _symbolic_sizes(func: tirx.PrimFunc) -> set[str]:
@@ -47,6 +51,14 @@ class ParallelLoops(ScheduleRule):
                 if kind != "S":
                     break
                 spatial.append(loop)
+            if spatial and len(spatial) == len(loops) and _vectorizable(sch, spatial[-1]):
+                _, vector = sch.split(spatial.pop(), [None, LANES])
+                sch.vectorize(vector)
             if spatial:
                 sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         return sch
+
+
+def _vectorizable(sch: s_tir.Schedule, loop: s_tir.LoopRV) -> bool:
+    extent = sch.get(loop).extent
+    return isinstance(extent, tirx.IntImm) and extent.value % LANES == 0
