@@ -83,6 +83,23 @@ def test_cuda_device_needs_a_gpu(multi_package):
         llmc.load(multi_package, device="cuda")
 
 
+@needs_nvcc
+def test_cuda_package_generates_the_cpu_tokens_on_a_gpu(multi_package):
+    import tvm
+
+    from llmc.runtime.sampling import SamplingParams
+    from llmc.targets.cuda import _ensure_cuda_plugin
+
+    _ensure_cuda_plugin()
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU on this machine: the cuda package is compiled and checked here, run only on a GPU")
+    cpu, cuda = llmc.load(multi_package, device="cpu"), llmc.load(multi_package, device="cuda")
+    ids = list(range(3, 14))
+    assert np.abs(cuda.forward(ids) - cpu.forward(ids)).max() / np.abs(cpu.forward(ids)).max() < 1e-4
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    assert cuda.generate(ids, params).output_ids == cpu.generate(ids, params).output_ids
+
+
 def test_every_metal_kernel_is_present_and_passes_the_syntax_check(multi_package):
     kernels = json.loads((multi_package / "lib-metal.kernels.json").read_text())
     assert len(kernels) > 20
