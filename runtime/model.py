@@ -84,6 +84,7 @@ class CompiledModel:
         self.context_length = int(meta["model"]["context_length"])
         settings = cache or CacheSettings(max_total_tokens=self.context_length)
         executor = EXECUTORS[get_target(device).runtime]
+        package.require_target(device)  # before the executor looks for the device itself
         self.executor = executor(package, device, settings.max_batch_size, settings.max_total_tokens,
                                  settings.prefill_chunk)
         self.cache = self.executor.cache

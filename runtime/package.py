@@ -72,10 +72,13 @@ class Package:
     def target_names(self) -> list[str]:
         return list(self.metadata["targets"])
 
-    def library_path(self, target: str) -> Path:
+    def require_target(self, target: str) -> None:
         if target not in self.metadata["targets"]:
             raise PackageError(f"{self.path} has no library for device {target!r}; it was compiled for "
                                f"{', '.join(self.target_names)}")
+
+    def library_path(self, target: str) -> Path:
+        self.require_target(target)
         return self.path / self.metadata["targets"][target]["library"]
 
     def weights(self) -> Iterator[np.ndarray]:

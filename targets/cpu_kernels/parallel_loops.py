@@ -29,8 +29,9 @@ def _symbolic_sizes(func: tirx.PrimFunc) -> set[str]:
 
 
 class ParallelLoops(ScheduleRule):
-    """Parallelise every kernel, except those whose only symbolic size is in `serial_dims`: a parallel
-    launch costs a few microseconds, more than elementwise work on a decode step's few tokens."""
+    """Parallelise (and vectorise) every kernel, except that those whose only symbolic size is in
+    `serial_dims` are only vectorised: a parallel launch costs a few microseconds, more than
+    elementwise work on a decode step's few tokens."""
 
     def __init__(self, serial_dims: frozenset[str] = frozenset()):
         self.serial_dims = serial_dims
@@ -38,12 +39,11 @@ class ParallelLoops(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc):
             return None
-        if _symbolic_sizes(func) <= self.serial_dims:
-            return s_tir.Schedule(func)
+        parallel = not _symbolic_sizes(func) <= self.serial_dims
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
-            return None
+            return None if parallel else s_tir.Schedule(func)
         for info in try_inline(sch, infos):
             loops = sch.get_loops(info.block_rv)
             spatial = []
@@ -54,7 +54,7 @@ class ParallelLoops(ScheduleRule):
             if spatial and len(spatial) == len(loops) and _vectorizable(sch, spatial[-1]):
                 _, vector = sch.split(spatial.pop(), [None, LANES])
                 sch.vectorize(vector)
-            if spatial:
+            if spatial and parallel:
                 sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         return sch
 
