@@ -1,24 +1,38 @@
-"""Write a package directory: weights, graph, one library per target, then the metadata.
+"""Write a package directory: weights, graph, one library per target and the TVM runtime
+libraries it needs, then the metadata.
 
-The metadata file is written last, so a compile that fails half-way never leaves a
-directory that looks like a usable package.
+The layout and the checks belong to the package format (runtime/package.py); this module
+fills it in. The metadata file is written last, so a compile that fails half-way never
+leaves a directory that looks like a usable package.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from safetensors.numpy import save_file
+import tvm
 
 from llmc.ir import IR_VERSION, Module, module_to_json
-from llmc.runtime.package import GRAPH_FILE, METADATA_FILE, PACKAGE_FORMAT, WEIGHTS_FILE, file_sha256
+from llmc.runtime.package import (GRAPH_FILE, METADATA_FILE, PACKAGE_FORMAT, WEIGHT_ALIGNMENT, WEIGHTS_FILE,
+                                  file_record, weights_layout)
 from llmc.targets import Target
 
 from .build import build_library
 from .lower import PAGE_SIZE, weight_order
+
+
+def write_weights(path: Path, tensors: list[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """`weights.bin` in the format's layout; returns its table."""
+    table = weights_layout(tensors)
+    with open(path, "wb") as handle:
+        for entry, (_, array) in zip(table, tensors):
+            handle.write(bytes(entry["offset"] - handle.tell()))
+            handle.write(np.ascontiguousarray(array).tobytes())
+    return table
 
 
 def write_package(module: Module, targets: Sequence[Target], directory: Path, model_info: dict[str, Any],
@@ -27,21 +41,30 @@ def write_package(module: Module, targets: Sequence[Target], directory: Path, mo
     directory.mkdir(parents=True, exist_ok=True)
     (directory / METADATA_FILE).unlink(missing_ok=True)
     order = weight_order(module)
-    save_file({name: np.ascontiguousarray(module.weights[name]) for name in order}, str(directory / WEIGHTS_FILE))
+    table = write_weights(directory / WEIGHTS_FILE, [(name, module.weights[name]) for name in order])
     (directory / GRAPH_FILE).write_text(module_to_json(module))
     built = {}
+    files = [WEIGHTS_FILE, GRAPH_FILE]
     for target in targets:
         on_target(target)
         built[target.name] = build_library(module, target, directory)
+        files.append(built[target.name]["library"])
+        for library in target.runtime_library_files():
+            shutil.copyfile(library, directory / library.name)
+            files.append(library.name)
+    if tokenizer_info is not None:
+        files.append(tokenizer_info["file"])
     metadata = {
         "package_format": PACKAGE_FORMAT,
         "llmc_ir_version": IR_VERSION,
+        "tvm_version": tvm.__version__,
         "model": model_info,
         "functions": sorted(module.functions),
         "kv_cache": {**module.metadata["kv_cache"], "page_size": PAGE_SIZE} if module.metadata.get("kv_cache") else None,
         "quantization": module.metadata.get("quantization", {"layers": "f32", "head": "f32"}),
         "targets": built,
-        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(directory / WEIGHTS_FILE), "order": order},
+        "weights": {"file": WEIGHTS_FILE, "alignment": WEIGHT_ALIGNMENT, "tensors": table},
+        "files": {name: file_record(directory / name) for name in dict.fromkeys(files)},
         "tokenizer": tokenizer_info,
     }
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))

@@ -5,13 +5,16 @@ Face folder or PyTorch module) into a package directory; `llmc.load(package)` lo
 one and returns an engine with `forward`, `generate`, `stream` and `chat`.
 """
 
-from llmc.ir.errors import LlmcError
+from llmc.errors import LlmcError
 from llmc.threads import set_default_threads
 
 set_default_threads()
 
 
 def compile(model, output, targets=("cpu",), quantization: str = "f32"):  # noqa: A001  (the public verb)
+    from llmc.requirements import require_compiler
+
+    require_compiler("llmc.compile")
     from llmc.compiler import compile_model
     from llmc.passes.pipeline import PassOptions
 

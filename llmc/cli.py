@@ -15,7 +15,8 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
+from llmc.requirements import require_compiler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="llmc: compile large language models ahead of time with Apache TVM, and run them.")
@@ -50,6 +51,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
                                                     help="folder or tokenizer.json to take the tokenizer from")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
+        require_compiler("llmc compile")
         from llmc.compiler import compile_with_progress
         from llmc.passes.pipeline import PassOptions
 
@@ -64,6 +66,7 @@ def inspect(model: str = typer.Argument(..., help="package directory or model"),
             ir: bool = typer.Option(False, "--ir", help="print the whole IR")) -> None:
     """Show a model's IR: functions, symbolic inputs, op counts, parameters."""
     def action() -> None:
+        require_compiler("llmc inspect")
         from llmc.inspection import describe, load_ir
 
         module = load_ir(model)
@@ -81,10 +84,17 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
 
 def _package(model: str, device: str) -> Path:
     """MODEL if it is a package, else MODEL compiled for `device` (an absent device is refused before compiling)."""
+    from llmc.runtime.package import is_package
+
+    if is_package(model):
+        return Path(model)
+    require_compiler(f"compiling {model} (not a compiled package)")
     from llmc.package_cache import package_for
+    from llmc.runtime.devices import open_device
     from llmc.targets import get_target
 
-    get_target(device).device()
+    target = get_target(device)
+    open_device(target.device_kind, target.runtime_library_files())
     return package_for(model, device)
 
 

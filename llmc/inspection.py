@@ -5,23 +5,20 @@ It reads a compiled package's graph, or imports a model (without compiling it).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from safetensors import safe_open
 
 from llmc.ir import Module, module_from_json, print_module
 from llmc.ir import dims as D
 from llmc.ir.types import TensorType, numpy_dtype
-from llmc.runtime.package import GRAPH_FILE, WEIGHTS_FILE, is_package
+from llmc.runtime.package import GRAPH_FILE, Package, is_package
 
 
 def load_ir(model: str) -> Module:
     if is_package(model):
-        directory = Path(model)
-        with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as weights:
-            arrays = {name: weights.get_tensor(name) for name in weights.keys()}
-        return module_from_json((directory / GRAPH_FILE).read_text(), arrays)
+        package = Package.open(model)
+        tensors = package.metadata["weights"]["tensors"]
+        arrays = {entry["name"]: array for entry, array in zip(tensors, package.weights())}
+        return module_from_json(package.verified(GRAPH_FILE).read_text(), arrays)
     from llmc.frontend.checkpoint import load_torch_model, resolve_model
     from llmc.frontend.onnx_importer import import_onnx_file
     from llmc.frontend.torch_export import import_torch_model

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from typing import AsyncIterator, Callable, Sequence
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 from .engine import Engine
 from .request import Request

@@ -17,7 +17,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 Message = dict[str, Any]
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 from .chat_template import ChatTemplate, Message
 from .model import CacheSettings, CompiledModel, ContextOverflow
@@ -31,11 +31,17 @@ class Engine:
         self.model = CompiledModel(self.package, device, cache)
         info = self.package.metadata.get("tokenizer") or {}
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
-        self.tokenizer = (Tokenizer(self.package.path / info.get("file", TOKENIZER_FILE), info.get("bos_token_id"),
+        self.tokenizer = (Tokenizer(self._tokenizer_file(info.get("file", TOKENIZER_FILE)), info.get("bos_token_id"),
                                     self.eos_ids) if info else None)
         template = info.get("chat_template")
         self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
                                                       "eos_token": info.get("eos_token")}) if template else None)
+
+    def _tokenizer_file(self, name: str) -> Path:
+        """The tokenizer file, checked against its checksum when the package records it."""
+        if name in self.package.metadata["files"]:
+            return self.package.verified(name)
+        return self.package.path / name
 
     @property
     def context_length(self) -> int:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import tvm
-from tvm.runtime import ShapeTuple
+from llmc.errors import LlmcError
 
-from llmc.ir import LlmcError
+from .tvm_runtime import Shape, global_func
 
 _BUILTIN = "vm.builtin."
 
 
 def _builtin(name: str):
-    return tvm.get_global_func(_BUILTIN + name)
+    return global_func(_BUILTIN + name)
 
 
 class PagedKVCache:
@@ -28,8 +27,8 @@ class PagedKVCache:
         self.max_total_tokens = max_total_tokens
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.handle = vm["create_kv_cache"](ShapeTuple([max_batch_size]), ShapeTuple([max_total_tokens]),
-                                            ShapeTuple([prefill_chunk]), ShapeTuple([page_size]), ShapeTuple([0]))
+        self.handle = vm["create_kv_cache"](Shape([max_batch_size]), Shape([max_total_tokens]),
+                                            Shape([prefill_chunk]), Shape([page_size]), Shape([0]))
         self._add = _builtin("kv_state_add_sequence")
         self._remove = _builtin("kv_state_remove_sequence")
         self._begin = _builtin("kv_state_begin_forward")
@@ -69,7 +68,7 @@ class PagedKVCache:
         return -(-tokens // self.page_size)
 
     def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
-        self._begin(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(counts)), None)
+        self._begin(self.handle, Shape(list(seq_ids)), Shape(list(counts)), None)
 
     def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         self._end(self.handle)

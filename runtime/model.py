@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import tvm
-from tvm import relax
 
-from llmc.ir import LlmcError
-from llmc.targets import get_target
+from llmc.errors import LlmcError
 
+from . import tvm_runtime
+from .devices import open_device
 from .kv_cache import PagedKVCache
 from .package import Package
 from .webgpu_model import WebGPUExecutor
+
+# The VM's allocator kinds (TVM's runtime/vm/memory_manager.h).
+POOLED_ALLOCATOR = 2
 
 
 @dataclass(frozen=True)
@@ -43,32 +45,38 @@ class TVMExecutor:
 
     def __init__(self, package: Package, device_name: str, max_batch_size: int, max_total_tokens: int,
                  prefill_chunk: int):
-        self.device = get_target(device_name).device()
-        meta = package.metadata
+        target = package.target(device_name)
+        self.device = open_device(target["device"], package.runtime_libraries(device_name))
         try:
-            library = tvm.runtime.load_module(str(package.library_path(device_name)))
-            self.vm = relax.VirtualMachine(library, self.device)
+            library = tvm_runtime.load_module(package.library_path(device_name))
+            self.vm = library["vm_load_executable"]()
+            host = tvm_runtime.device("cpu")
+            self.vm["vm_initialization"](self.device.dlpack_device_type(), self.device.index, POOLED_ALLOCATOR,
+                                         host.dlpack_device_type(), host.index, POOLED_ALLOCATOR)
         except LlmcError:
             raise
-        except Exception as error:  # TVM raises TVMError for unloadable libraries
+        except Exception as error:  # tvm-ffi raises its own errors for unloadable libraries
             raise LlmcError(f"cannot load the {device_name} library of {package.path}: "
-                            f"{str(error).splitlines()[-1]}") from None
-        self.params = [tvm.runtime.tensor(weight, self.device) for weight in package.weights()]
+                            f"{str(error).strip().splitlines()[-1]}") from None
+        # On the CPU the tensors are the mapped file itself (each keeps its array, and so the map, alive).
+        self.params = [tvm_runtime.to_device(weight, self.device) for weight in package.weights()]
         self.cache = PagedKVCache(self.vm, max_batch_size, max_total_tokens, prefill_chunk,
-                                  int(meta["kv_cache"]["page_size"]))
+                                  int(package.metadata["kv_cache"]["page_size"]))
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
 
-    def _tensor(self, values: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> tvm.runtime.Tensor:
-        return tvm.runtime.tensor(np.asarray(values, dtype=np.int64).reshape(shape), self.device)
+    def _tensor(self, values: Sequence[int] | np.ndarray, shape: tuple[int, ...]):
+        return tvm_runtime.to_device(np.asarray(values, dtype=np.int64).reshape(shape), self.device)
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        return self._decode(self._tensor(tokens, (1, len(tokens))), self._tensor(positions, (len(positions),)),
-                            self.cache.handle, self.params).numpy()
+        return tvm_runtime.to_numpy(self._decode(self._tensor(tokens, (1, len(tokens))),
+                                                 self._tensor(positions, (len(positions),)),
+                                                 self.cache.handle, self.params))
 
     def prefill(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> np.ndarray:
-        return self._prefill(self._tensor(tokens, (1, len(tokens))), self._tensor(positions, (len(positions),)),
-                             self._tensor(rows, (len(rows),)), self.cache.handle, self.params).numpy()
+        return tvm_runtime.to_numpy(self._prefill(self._tensor(tokens, (1, len(tokens))),
+                                                  self._tensor(positions, (len(positions),)),
+                                                  self._tensor(rows, (len(rows),)), self.cache.handle, self.params))
 
 
 # What runs a target's libraries, by the target's `runtime`.
@@ -83,8 +91,7 @@ class CompiledModel:
         self.vocab_size = int(meta["model"]["vocab_size"])
         self.context_length = int(meta["model"]["context_length"])
         settings = cache or CacheSettings(max_total_tokens=self.context_length)
-        executor = EXECUTORS[get_target(device).runtime]
-        package.require_target(device)  # before the executor looks for the device itself
+        executor = EXECUTORS[package.target(device)["executor"]]
         self.executor = executor(package, device, settings.max_batch_size, settings.max_total_tokens,
                                  settings.prefill_chunk)
         self.cache = self.executor.cache

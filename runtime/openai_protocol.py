@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 from .async_engine import AsyncEngine
 from .model import ContextOverflow

@@ -1,41 +1,73 @@
-"""The package directory that `llmc compile` writes and the runtime loads, and its checks.
+"""The package directory that `llmc compile` writes and the runtime loads: its format and its checks.
 
-A package holds `llmc.json` (metadata: model config, IR version, targets and their
-libraries, the weights' hash, tokenizer settings, entry points), `weights.safetensors`,
-one library per target, `tokenizer.json` and `graph.json` (the IR, for `llmc inspect`).
-Opening a package checks what can be wrong with it (missing files, another IR version,
-weights that don't match their hash) and says so in one message.
+A package holds `llmc.json` (metadata: model config, targets with their libraries, device
+kinds and TVM runtime libraries, the weights' table, every file's size and checksum,
+tokenizer settings), `weights.bin`, one library per target, the TVM runtime libraries
+those need, `tokenizer.json` and `graph.json` (the IR, for `llmc inspect`). This module
+is the one owner of the format: the compiler's writer uses its constants and layout.
+
+`weights.bin` is the tensors back to back, each at a 64-byte boundary (the table in the
+metadata gives dtype, shape and offset), so that the CPU runtime maps the file and hands
+each tensor to its kernels in place. Opening a package checks what can be wrong with it
+(missing or truncated files, another format); a file's xxHash (XXH3-128, gigabytes per
+second) is checked before the file is used, so a flipped byte is refused before any output.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+import xxhash
 
-from llmc.ir import IR_VERSION, LlmcError
+from llmc.errors import LlmcError
 
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2
 METADATA_FILE = "llmc.json"
-WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FILE = "weights.bin"
 GRAPH_FILE = "graph.json"
+WEIGHT_ALIGNMENT = 64
+# madvise(MADV_POPULATE_READ), Linux 5.14: map every page of the file at once, without copying
+# (Python's mmap module names it only from 3.12 on).
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class PackageError(LlmcError):
     """A package directory that cannot be used as it is."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def digest(data: Any) -> str:
+    """The checksum packages record: XXH3-128 of a bytes-like object, in hex."""
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    hasher = xxhash.xxh3_128()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the metadata records of each file: its size and checksum."""
+    return {"bytes": path.stat().st_size, "xxh3_128": file_digest(path)}
+
+
+def weights_layout(tensors: Iterable[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """The table of `weights.bin` for tensors in this order: each at the next 64-byte boundary."""
+    table, offset = [], 0
+    for name, array in tensors:
+        offset = -(-offset // WEIGHT_ALIGNMENT) * WEIGHT_ALIGNMENT
+        table.append({"name": name, "dtype": str(array.dtype), "shape": list(array.shape), "offset": offset,
+                      "nbytes": int(array.nbytes)})
+        offset += int(array.nbytes)
+    return table
 
 
 def is_package(path: str | Path) -> bool:
@@ -57,64 +89,75 @@ class Package:
             metadata = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PackageError(f"{meta_file} is corrupt: {error}") from None
-        if metadata.get("package_format") != PACKAGE_FORMAT:
-            raise PackageError(f"{path} has package format {metadata.get('package_format')}; "
-                               f"this llmc reads format {PACKAGE_FORMAT}. Recompile the model.")
-        if metadata.get("llmc_ir_version") != IR_VERSION:
-            raise PackageError(f"{path} was built for llmc IR version {metadata.get('llmc_ir_version')}; this llmc "
-                               f"uses IR version {IR_VERSION}. Recompile the model with this llmc.")
-        for name in [WEIGHTS_FILE] + [t["library"] for t in metadata["targets"].values()]:
-            if not (path / name).is_file():
+        if not isinstance(metadata, dict) or metadata.get("package_format") != PACKAGE_FORMAT:
+            found = metadata.get("package_format") if isinstance(metadata, dict) else None
+            raise PackageError(f"{path} has package format {found}; this llmc reads format {PACKAGE_FORMAT}. "
+                               "Recompile the model.")
+        package = cls(path, metadata)
+        for name, record in metadata["files"].items():
+            file = path / name
+            if not file.is_file():
                 raise PackageError(f"{path} is incomplete: {name} is missing")
-        return cls(path, metadata)
+            if file.stat().st_size != record["bytes"]:
+                raise PackageError(f"{file} has {file.stat().st_size} bytes, but the package was built with "
+                                   f"{record['bytes']}: the file is truncated or was replaced. Recompile the model.")
+        return package
 
     @property
     def target_names(self) -> list[str]:
         return list(self.metadata["targets"])
 
-    def require_target(self, target: str) -> None:
-        if target not in self.metadata["targets"]:
-            raise PackageError(f"{self.path} has no library for device {target!r}; it was compiled for "
+    def target(self, name: str) -> dict[str, Any]:
+        """What the metadata says of one target: library, executor, device kind, runtime libraries."""
+        if name not in self.metadata["targets"]:
+            raise PackageError(f"{self.path} has no library for device {name!r}; it was compiled for "
                                f"{', '.join(self.target_names)}")
+        return self.metadata["targets"][name]
+
+    def _check(self, name: str, data: Any) -> None:
+        if digest(data) != self.metadata["files"][name]["xxh3_128"]:
+            raise PackageError(f"{self.path / name} does not match the checksum recorded when the package was built: "
+                               "the file is corrupt or was replaced. Recompile the model.")
+
+    def verified(self, name: str) -> Path:
+        """The path of one of the package's files, after checking its contents."""
+        path = self.path / name
+        self._check(name, path.read_bytes())
+        return path
 
     def library_path(self, target: str) -> Path:
-        self.require_target(target)
-        return self.path / self.metadata["targets"][target]["library"]
+        return self.verified(self.target(target)["library"])
+
+    def runtime_libraries(self, target: str) -> list[Path]:
+        """The TVM runtime libraries a target's library needs, in load order: the installed `tvm`
+        package's own file where it is the same (see tvm_runtime.py), else the package's copy."""
+        from .tvm_runtime import installed_library
+
+        paths = []
+        for name in self.target(target)["runtime_libraries"]:
+            installed = installed_library(name)
+            if installed is not None and file_digest(installed) == self.metadata["files"][name]["xxh3_128"]:
+                paths.append(installed)
+            else:
+                paths.append(self.verified(name))
+        return paths
 
     def weights(self) -> Iterator[np.ndarray]:
-        """The weights in the order the entry points take them, after checking the file against the hash
-        recorded at compile time. They are read one at a time with plain reads rather than through a memory
-        map, so that the file's pages never count in the process's memory, and the caller can copy each to
-        its device before the next is read."""
-        weights_file = self.path / WEIGHTS_FILE
-        if file_sha256(weights_file) != self.metadata["weights"]["sha256"]:
-            raise PackageError(f"{weights_file} does not match the hash recorded when the package was built: "
-                               "the file is corrupt or was replaced. Recompile the model.")
-        with open(weights_file, "rb") as handle:
-            header, data_start = _safetensors_header(handle, weights_file)
-            for name in self.metadata["weights"]["order"]:
-                if name not in header:
-                    raise PackageError(f"{weights_file} lacks weight {name!r}")
-                entry = header[name]
-                begin, end = entry["data_offsets"]
-                handle.seek(data_start + begin)
-                array = np.frombuffer(handle.read(end - begin), dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-                yield array.reshape(entry["shape"])
-
-
-# The dtypes of safetensors' header that packages hold.
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32,
-                       "I64": np.int64}
-
-
-def _safetensors_header(handle: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
-    """The tensor table of a safetensors file (8-byte little-endian length, then JSON) and where data starts."""
-    try:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        if any(entry["dtype"] not in _SAFETENSORS_DTYPES for entry in header.values()):
-            raise ValueError("a tensor has a dtype that llmc packages do not use")
-    except (struct.error, ValueError, KeyError, TypeError) as error:
-        raise PackageError(f"{path} cannot be read as safetensors: {error}") from None
-    return header, 8 + length
+        """The weights in the order the entry points take them, as arrays over a private map of
+        `weights.bin` (checked first): the file's pages stay shared with the page cache unless
+        written, which no kernel does, and DLPack (which has no read-only tensors) can take them."""
+        path = self.path / WEIGHTS_FILE
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else bytearray()
+        if size:
+            try:
+                mapping.madvise(_MADV_POPULATE_READ)
+            except OSError:  # kernels before 5.14: the pages are mapped as they are first read
+                pass
+        self._check(WEIGHTS_FILE, memoryview(mapping))
+        for entry in self.metadata["weights"]["tensors"]:
+            dtype = np.dtype(entry["dtype"])
+            array = np.frombuffer(mapping, dtype=dtype, count=entry["nbytes"] // dtype.itemsize, offset=entry["offset"])
+            yield array.reshape(entry["shape"])

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 from .model import CompiledModel, ContextOverflow
 from .request import Request

@@ -22,7 +22,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 from .async_engine import AsyncEngine
 from .engine import Engine

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
 
 INCOMPLETE = "\ufffd"
 

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llmc.ir import LlmcError
+from llmc.errors import LlmcError
+
+from .webgpu_plan import STEP_FIELDS, pool_name
 
 
 class WebGPUKVCache:
@@ -83,8 +85,8 @@ class WebGPUKVCache:
         table = np.zeros((len(seq_ids), max(len(self._pages[s]) for s in seq_ids)), dtype=np.int32)
         for row, seq_id in enumerate(seq_ids):
             table[row, :len(self._pages[seq_id])] = self._pages[seq_id]
-        self._step = {"slots": np.array(slots, np.int32), "token_rows": np.array(rows, np.int32),
-                      "token_lengths": np.array(lengths, np.int32), "page_table": table}
+        self._step = dict(zip(STEP_FIELDS, (np.array(slots, np.int32), np.array(rows, np.int32),
+                                            np.array(lengths, np.int32), table)))
 
     def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         self._step = {}
@@ -94,5 +96,5 @@ class WebGPUKVCache:
     def tensors(self) -> dict[str, Any]:
         """The cache's inputs of the step between `begin` and `end`: (buffer, shape) for each layer's pool
         (`pages.<layer>`), arrays for the step's tensors."""
-        pools = {f"pages.{layer}": (pool, self.pool_shape) for layer, pool in enumerate(self.pools)}
+        pools = {pool_name(layer): (pool, self.pool_shape) for layer, pool in enumerate(self.pools)}
         return {**pools, **self._step}

@@ -15,13 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llmc.ir import LlmcError
-from llmc.targets import get_target
-from llmc.targets.vulkan import PLAN_FORMAT
-from llmc.targets.webgpu.shape_expr import evaluate
-
+from llmc.errors import LlmcError
+from .devices import open_device
 from .package import Package, PackageError
 from .webgpu_kv_cache import WebGPUKVCache
+from .webgpu_plan import PLAN_FORMAT, evaluate
 
 _SCALAR_FORMAT = {"i32": "i", "u32": "I", "f32": "f"}
 _POOL_GRANULE = 1 << 16
@@ -107,7 +105,7 @@ class WebGPUExecutor:
         import wgpu
 
         self.wgpu = wgpu
-        self.device = get_target(device_name).device()
+        self.device = open_device(package.target(device_name)["device"])
         library = json.loads(package.library_path(device_name).read_text())
         if library.get("format") != PLAN_FORMAT:
             raise PackageError(f"{package.path}: the vulkan library has plan format {library.get('format')}; this "

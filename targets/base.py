@@ -47,7 +47,11 @@ class Target(ABC):
     name: str = ""
     description: str = ""
     # What runs the libraries: TVM's Relax VM, or the runtime's executor of that name.
-    runtime: str = "tvm"
+    executor: str = "tvm"
+    # The kind of device the runtime opens (runtime/devices.py).
+    device_kind: str = ""
+    # The TVM runtime libraries the library needs, in load order; packages carry them.
+    runtime_libraries: tuple[str, ...] = ("libtvm_runtime.so",)
     # Read 8-bit tensors (quantized codes) as the 32-bit words that hold them, for kernel
     # languages without 8-bit types (WGSL).
     bytes_as_words: bool = False
@@ -92,13 +96,15 @@ class Target(ABC):
         executable.export_library(str(path))
 
     def describe(self) -> dict[str, Any]:
-        """What the package's metadata records about this target."""
-        return {"name": self.name, "tvm_target": str(self.tvm_target())}
+        """What the package's metadata records about this target: the runtime reads it instead of
+        importing the target."""
+        return {"name": self.name, "tvm_target": str(self.tvm_target()), "executor": self.executor,
+                "device": self.device_kind, "runtime_libraries": list(self.runtime_libraries)}
 
-    @abstractmethod
-    def device(self) -> Any:
-        """The runtime device (a TVM device, or the device object the target's runtime drives);
-        raises LlmcError naming what is missing when absent."""
+    def runtime_library_files(self) -> list[Path]:
+        """The installed TVM's copies of `runtime_libraries`, which packages carry."""
+        lib = Path(tvm.__file__).resolve().parent / "lib"
+        return [lib / name for name in self.runtime_libraries]
 
 
 def get_target(name: str) -> Target:

@@ -23,6 +23,7 @@ from .pipeline import relax_pipeline
 
 class CpuTarget(Target):
     name = "cpu"
+    device_kind = "cpu"
     description = "LLVM for the host CPU"
 
     def tvm_target(self) -> tvm.target.Target:
@@ -63,6 +64,3 @@ class CpuTarget(Target):
 
     def describe(self) -> dict:
         return {**super().describe(), "mcpu": llvm_get_system_cpu()}
-
-    def device(self) -> tvm.runtime.Device:
-        return tvm.cpu()

@@ -116,6 +116,8 @@ def _nvcc_for_all_architectures() -> Iterator[None]:
 
 class CudaTarget(Target):
     name = "cuda"
+    device_kind = "cuda"
+    runtime_libraries = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
     description = f"NVIDIA GPUs ({', '.join(ARCHITECTURES)} cubins, PTX for newer)"
 
     def tvm_target(self) -> tvm.target.Target:
@@ -138,10 +140,3 @@ class CudaTarget(Target):
 
     def describe(self) -> dict:
         return {**super().describe(), "architectures": list(ARCHITECTURES), "ptx": ARCHITECTURES[-1]}
-
-    def device(self) -> tvm.runtime.Device:
-        _ensure_cuda_plugin()
-        device = tvm.cuda(0)
-        if not device.exist:
-            raise LlmcError("no CUDA device is available here (no NVIDIA GPU or driver); use --device cpu")
-        return device

@@ -56,6 +56,8 @@ def check_msl(source: str) -> None:
 
 class MetalTarget(Target):
     name = "metal"
+    device_kind = "metal"
+    runtime_libraries = ()  # a Metal-enabled TVM runtime for macOS; this TVM wheel has none
     description = "Apple GPUs (MSL; arm64 macOS host code, tar of objects)"
 
     def tvm_target(self) -> tvm.target.Target:
@@ -76,7 +78,3 @@ class MetalTarget(Target):
         if not kernels:
             raise LlmcError("the Metal build produced no kernels")
         path.with_name("lib-metal.kernels.json").write_text(json.dumps(kernels, indent=1))
-
-    def device(self) -> tvm.runtime.Device:
-        raise LlmcError("Metal packages run on macOS with a Metal-enabled TVM runtime; this machine has none "
-                        "(on a Mac, the vulkan package runs through wgpu's Metal backend)")

@@ -12,7 +12,6 @@ assumes 32-lane subgroups, and devices differ (lavapipe has 8).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,51 +20,27 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight
 
-from llmc.ir import LlmcError
+from llmc.runtime.webgpu_plan import PLAN_FORMAT, cache_field_names
 
 from .base import OwnKVCache, Target
 from .pipeline import scheduling_passes
 from .webgpu.kernels import compile_kernels
-from .webgpu.kv_cache import TensorKVCache, field_names
+from .webgpu.kv_cache import TensorKVCache
 from .webgpu.launch_plan import function_plan
 
-PLAN_FORMAT = 1
-BACKENDS = ("Vulkan", "Metal")
-ADAPTER_PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 # dlight's GPU rules. The matmuls of prefill and decode are the same kernels (their row counts are both
 # symbolic), and LowBatchGEMV with buckets of one row comes first: decode gets a plain GEMV instead of a
 # matmul tile padded to 32 rows, at the price of prefill reading the weights once per token.
 SCHEDULE_RULES = (dlight.gpu.LowBatchGEMV(1), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                   dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
-# Device limits the kernels may need beyond WebGPU's small defaults; the device gets the adapter's own values.
-LIMITS = ("max-buffer-size", "max-storage-buffer-binding-size", "max-storage-buffers-per-shader-stage",
-          "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
-          "max-compute-workgroup-size-x", "max-compute-workgroup-size-y", "max-compute-workgroup-size-z",
-          "max-compute-workgroups-per-dimension", "min-uniform-buffer-offset-alignment")
-
-
-@functools.cache
-def wgpu_device() -> Any:
-    """The wgpu device of this process on the best Vulkan (or, on macOS, Metal) adapter, with the
-    adapter's own limits."""
-    try:
-        import wgpu
-    except ImportError:
-        raise LlmcError("the vulkan device needs the wgpu package: pip install 'wgpu>=0.32,<0.33'") from None
-    adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info["backend_type"] in BACKENDS]
-    if not adapters:
-        raise LlmcError("no Vulkan device is available here: install a Vulkan driver (on Debian or Ubuntu, "
-                        "`apt-get install mesa-vulkan-drivers` gives a software one) or use --device cpu")
-    adapter = min(adapters, key=lambda a: ADAPTER_PREFERENCE.get(a.info["adapter_type"], len(ADAPTER_PREFERENCE)))
-    features = [f for f in ("shader-f16",) if f in adapter.features]
-    limits = {key: adapter.limits[key] for key in LIMITS if key in adapter.limits}
-    return adapter.request_device_sync(required_features=features, required_limits=limits)
 
 
 class VulkanTarget(Target):
     name = "vulkan"
+    device_kind = "vulkan"
     description = "Vulkan GPUs through wgpu (WGSL kernels; Metal on macOS)"
-    runtime = "wgpu"
+    executor = "wgpu"
+    runtime_libraries = ()
     bytes_as_words = True
 
     def tvm_target(self) -> tvm.target.Target:
@@ -93,7 +68,7 @@ class VulkanTarget(Target):
         scheduled = self.relax_pipeline()(irmodule)
         functions = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tirx.PrimFunc)}
         kernels, launches = compile_kernels(functions, self.tvm_target())
-        entries = {gv.name_hint: function_plan(gv.name_hint, f, field_names)
+        entries = {gv.name_hint: function_plan(gv.name_hint, f, cache_field_names)
                    for gv, f in scheduled.functions.items() if isinstance(f, relax.Function)}
         return {"format": PLAN_FORMAT, "kernels": kernels, "functions": launches, "entries": entries}
 
@@ -103,5 +78,3 @@ class VulkanTarget(Target):
     def export(self, executable: dict[str, Any], path: Path) -> None:
         path.write_text(json.dumps(executable))
 
-    def device(self) -> Any:
-        return wgpu_device()

@@ -29,7 +29,7 @@ from llmc.runtime.model import CacheSettings
 from llmc.runtime.request import Request
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
-from llmc.targets import get_target
+from llmc.runtime.devices import open_device
 from llmc.targets.cpu_kernels.matmul import GEMV_ROWS
 
 NEW_TOKENS = 48
@@ -38,7 +38,7 @@ VOCAB = 512
 
 def _absent_device() -> str | None:
     try:
-        get_target("vulkan").device()
+        open_device("vulkan")
     except LlmcError as error:
         return str(error)
     return None

@@ -19,6 +19,7 @@ import tvm
 from tvm import tirx
 
 from llmc.ir import LlmcError
+from llmc.runtime.webgpu_plan import SizeExpr
 
 from . import shape_expr
 
@@ -55,12 +56,12 @@ class _HostReader:
     def __init__(self, func: tirx.PrimFunc, name: str):
         self.func = func
         self.name = name
-        self.dims: list[tuple[tirx.Var, shape_expr.Expr]] = []
+        self.dims: list[tuple[tirx.Var, SizeExpr]] = []
         for p, param in enumerate(func.params):
             for d, extent in enumerate(param.ty.shape):
                 if isinstance(extent, tirx.Var) and self._known(extent, self.dims) is None:
                     self.dims.append((extent, ["dim", p, d]))
-        self.lets: list[tuple[tirx.Var, shape_expr.Expr]] = []
+        self.lets: list[tuple[tirx.Var, SizeExpr]] = []
         self.buffers: list[tuple[tirx.Var, int]] = [(param, p) for p, param in enumerate(func.params)]
 
     @staticmethod
@@ -68,14 +69,14 @@ class _HostReader:
         """What `table` says about `var` (TVM variables compare by identity, not by ==)."""
         return next((value for known, value in table if known.same_as(var)), None)
 
-    def _leaf(self, var) -> shape_expr.Expr:
+    def _leaf(self, var) -> SizeExpr:
         value = self._known(var, self.lets)
         value = value if value is not None else self._known(var, self.dims)
         if value is None:
             raise LlmcError(f"kernel function {self.name}: the size {var.name} is not a dimension of its parameters")
         return value
 
-    def expr(self, value) -> shape_expr.Expr:
+    def expr(self, value) -> SizeExpr:
         return shape_expr.from_tvm(value, self._leaf)
 
     def buffer(self, data) -> int:

@@ -17,17 +17,12 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from llmc.ir import KVCacheType, Node
+from llmc.runtime.webgpu_plan import STEP_FIELDS
 
 from ..base import Kernel, OwnKVCache
 from ..cpu_kernels.common import opaque
 
-STEP_FIELDS = ("slots", "token_rows", "token_lengths", "page_table")
 THREADS = 64
-
-
-def field_names(count: int) -> list[str]:
-    """The names of the cache tuple's `count` tensors, in order: the layers' page pools, then `STEP_FIELDS`."""
-    return [f"pages.{layer}" for layer in range(count - len(STEP_FIELDS))] + list(STEP_FIELDS)
 
 
 def append_kernel(kv_heads: int, head_dim: int, page_size: int, dtype: str) -> Kernel:

@@ -22,16 +22,17 @@ import tvm
 from tvm import relax
 
 from llmc.ir import LlmcError
+from llmc.runtime.webgpu_plan import SizeExpr
 
 from . import shape_expr
 
 
-def _dims(ty) -> list[shape_expr.Expr]:
+def _dims(ty) -> list[SizeExpr]:
     return [shape_expr.from_tvm(d, lambda var: var.name) for d in ty.shape.values]
 
 
-def _size(ty) -> shape_expr.Expr:
-    size: shape_expr.Expr = np.dtype(str(ty.dtype)).itemsize
+def _size(ty) -> SizeExpr:
+    size: SizeExpr = np.dtype(str(ty.dtype)).itemsize
     for dim in _dims(ty):
         size = ["*", size, dim]
     return size
