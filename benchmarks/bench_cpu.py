@@ -29,12 +29,19 @@ HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m"
 
 
-def build_packages(out: Path) -> dict[str, dict]:
-    """llmc packages for each weight format: {format: {path, compile_s, compile_peak_mb}}."""
+def build_packages(out: Path, formats: tuple[str, ...] = ("f32", "q8", "q4")) -> dict[str, dict]:
+    """llmc packages for each weight format: {format: {path, compile_s, compile_peak_mb}}; a package
+    built earlier is reused if this llmc still reads it."""
+    from llmc.runtime.package import Package, PackageError
+
     built = {}
-    for fmt in ("f32", "q8", "q4"):
+    for fmt in formats:
         path = out / f"smollm2-{fmt}"
         record = path / "bench-compile.json"
+        try:
+            Package.open(path)
+        except PackageError:
+            record.unlink(missing_ok=True)
         if not record.is_file():
             start = time.perf_counter()
             proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "llmc.cli", "compile", MODEL,

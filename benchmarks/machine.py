@@ -18,7 +18,9 @@ def _system_busy() -> int:
 
 
 def _own_busy() -> int:
-    total = 0
+    """Clock ticks used by this process, its live descendants and the children it has reaped."""
+    reaped = os.times()
+    total = round((reaped.children_user + reaped.children_system) * HZ)
     for pid in [os.getpid()] + _children(os.getpid()):
         try:
             stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()

@@ -2,10 +2,13 @@
 
 `llmc.compile(model, output, targets)` turns a model (built-in name, GGUF file, Hugging
 Face folder or PyTorch module) into a package directory; `llmc.load(package)` loads
-one and returns an engine with `forward`, `generate`, `stream` and `chat`.
+one and returns an engine with `forward`, `generate`, `stream` and `chat`, which take
+`SamplingParams`. Loading and running need only the runtime install; compiling needs the
+`compiler` extra.
 """
 
 from llmc.errors import LlmcError
+from llmc.runtime.sampling import SamplingParams
 from llmc.threads import set_default_threads
 
 set_default_threads()
@@ -27,4 +30,4 @@ def load(path, device: str = "cpu", cache=None):
     return load_engine(path, device, cache)
 
 
-__all__ = ["LlmcError", "compile", "load"]
+__all__ = ["LlmcError", "SamplingParams", "compile", "load"]

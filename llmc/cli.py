@@ -6,31 +6,41 @@ traceback reaches the user for a problem with their input.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 
 from llmc.errors import LlmcError
 from llmc.requirements import require_compiler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="llmc: compile large language models ahead of time with Apache TVM, and run them.")
-err = Console(stderr=True)
+
+
+@functools.cache
+def _stderr() -> Any:
+    """rich's console on stderr, imported on first use: `llmc run` on a package starts without it."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _guarded(action: Callable[[], None]) -> None:
     try:
         action()
     except LlmcError as error:
-        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, markup=True, soft_wrap=True)
+        from rich.markup import escape
+
+        # Escaped: messages hold brackets (`llmc[compiler]`, shapes) that are not markup.
+        _stderr().print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _stderr().print("interrupted")
         raise typer.Exit(130) from None
 
 
@@ -57,7 +67,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
         compile_with_progress(model, output, targets, PassOptions(quant, quant_head), tokenizer)
-        err.print(f"wrote {output}")
+        _stderr().print(f"wrote {output}")
     _guarded(action)
 
 
@@ -147,7 +157,7 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
         engine = _engine(model, device)
         params = _sampling(max_tokens, temperature, top_p, 0, seed, [], 1.0)
         messages = [{"role": "system", "content": system}] if system else []
-        err.print("chat with the model; an empty line or Ctrl-D ends the chat")
+        _stderr().print("chat with the model; an empty line or Ctrl-D ends the chat")
         while True:
             try:
                 line = input("> ")

@@ -28,14 +28,15 @@ TOKENIZER_FILE = "tokenizer.json"
 class Engine:
     def __init__(self, path: str | Path, device: str = "cpu", cache: CacheSettings | None = None):
         self.package = Package.open(path)
-        self.model = CompiledModel(self.package, device, cache)
         info = self.package.metadata.get("tokenizer") or {}
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
+        # The tokenizer before the weights: its parse buffers are freed before the weights are mapped.
         self.tokenizer = (Tokenizer(self._tokenizer_file(info.get("file", TOKENIZER_FILE)), info.get("bos_token_id"),
                                     self.eos_ids) if info else None)
         template = info.get("chat_template")
         self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
                                                       "eos_token": info.get("eos_token")}) if template else None)
+        self.model = CompiledModel(self.package, device, cache)
 
     def _tokenizer_file(self, name: str) -> Path:
         """The tokenizer file, checked against its checksum when the package records it."""

@@ -22,7 +22,8 @@ def wgpu_device() -> Any:
     try:
         import wgpu
     except ImportError:
-        raise LlmcError("the vulkan device needs the wgpu package: pip install 'wgpu>=0.32,<0.33'") from None
+        raise LlmcError("the vulkan device needs the wgpu package: pip install 'llmc[vulkan]' "
+                        "(or pip install 'wgpu>=0.32,<0.33')") from None
     adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info["backend_type"] in BACKENDS]
     if not adapters:
         raise LlmcError("no Vulkan device is available here: install a Vulkan driver (on Debian or Ubuntu, "

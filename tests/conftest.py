@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random-weight models built from transformers configs, their
-compiled packages (one compile per model per test session), and the bundled SmolLM2."""
+compiled packages (one compile per model per test session), the tiny chat package and the bundled SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tiny_models import build_tiny
+from tiny_models import build_chat_package, build_tiny
 
 torch.set_num_threads(2)
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -38,6 +38,12 @@ def tiny_package(tiny_model, tmp_path_factory):
             cache[name] = str(compile_model(tiny_model(name), tmp_path_factory.mktemp(name) / "pkg"))
         return cache[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def chat_package(tmp_path_factory) -> str:
+    """The tiny chat model (tokenizer, EOS, chat template) compiled for the CPU."""
+    return build_chat_package(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(scope="session")

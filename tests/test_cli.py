@@ -66,7 +66,7 @@ def test_a_package_with_a_corrupted_weight_file(tiny_package, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x55
     weights.write_bytes(bytes(data))
-    assert_clean_failure(llmc_cli("run", str(copy), "hello"), "does not match the hash")
+    assert_clean_failure(llmc_cli("run", str(copy), "hello"), "does not match the checksum")
 
 
 def test_a_package_without_a_tokenizer_needs_token_ids(tiny_package):

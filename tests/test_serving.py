@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,45 +16,19 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
-import transformers
 import uvicorn
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import llmc
-from llmc.compiler import compile_model
 from llmc.runtime.async_engine import AsyncEngine
 from llmc.runtime.model import CacheSettings
 from llmc.runtime.request import Request
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.server import create_app
+from server_process import free_port, start_server
+from tiny_models import CHAT_WORDS
 
 MODEL = "tiny-chat"
-WORDS = "the quick brown fox jumps over the lazy dog while many requests share one batch".split()
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_package(tmp_path_factory) -> str:
-    """A tiny random Llama with a byte-level BPE tokenizer, an EOS token and a chat template."""
-    folder = tmp_path_factory.mktemp("serving")
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>",
-                                         chat_template=TEMPLATE).save_pretrained(folder / "tokenizer")
-    # A wide init makes the logits peaked, so greedy choices are far from ties.
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      initializer_range=0.2)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return str(compile_model(model, folder / "package", tokenizer=folder / "tokenizer"))
 
 
 class ServerThread:
@@ -102,7 +74,7 @@ def small_server(chat_package):
 
 
 def _prompt(rng: np.random.Generator, words: int) -> str:
-    return " ".join(rng.choice(WORDS, words))
+    return " ".join(rng.choice(CHAT_WORDS, words))
 
 
 def _ask(client: openai.OpenAI, job: dict) -> tuple[str, str, int]:
@@ -289,27 +261,12 @@ def test_a_failing_step_fails_only_its_requests(server, monkeypatch):
     assert _wait_until_idle(server)["llmc_kv_cache_pages_used"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_serve_command(chat_package):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llmc.cli", "serve", chat_package, "--port", str(port),
-                                "--model-name", MODEL, "--max-batch", "4", "--kv-tokens", "512", "--threads", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    process, url = start_server([sys.executable, "-m", "llmc.cli", "serve", chat_package, "--port", str(port),
+                                 "--model-name", MODEL, "--max-batch", "4", "--kv-tokens", "512", "--threads", "1"],
+                                port)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "llmc serve did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body) as response:
             events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]

@@ -167,7 +167,7 @@ def test_llmc_run_on_the_vulkan_device(package):
 
 def test_an_absent_vulkan_device_is_refused_with_what_is_missing(monkeypatch):
     wgpu = pytest.importorskip("wgpu")
-    from llmc.targets.vulkan import wgpu_device
+    from llmc.runtime.webgpu_device import wgpu_device
 
     monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", lambda: [])
     with pytest.raises(LlmcError, match="no Vulkan device is available here: install a Vulkan driver"):

@@ -1,9 +1,14 @@
-"""Tiny random-weight causal LMs built from transformers configs (seconds to build)."""
+"""Tiny random-weight causal LMs built from transformers configs (seconds to build), and a tiny
+chat model with its own tokenizer and template, compiled into a package."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
 
@@ -40,3 +45,29 @@ def build_tiny(name: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.5)
     return model.eval()
+
+
+CHAT_WORDS = "the quick brown fox jumps over the lazy dog while many requests share one batch".split()
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def build_chat_package(folder: Path) -> str:
+    """A tiny random Llama with a byte-level BPE tokenizer (trained on CHAT_WORDS), an EOS token and a
+    chat template, compiled for the CPU into `folder`/package."""
+    from llmc.compiler import compile_model
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([" ".join(CHAT_WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>",
+                                         chat_template=CHAT_TEMPLATE).save_pretrained(folder / "tokenizer")
+    # A wide init makes the logits peaked, so greedy choices are far from ties.
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return str(compile_model(model, folder / "package", tokenizer=folder / "tokenizer"))
