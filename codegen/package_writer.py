@@ -2,13 +2,11 @@
 libraries it needs, then the metadata.
 
 The layout and the checks belong to the package format (runtime/package.py); this module
-fills it in. The metadata file is written last, so a compile that fails half-way never
-leaves a directory that looks like a usable package.
+fills it in, in a fresh folder (codegen/staged_directory.py moves it into place when complete).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,7 +16,7 @@ import tvm
 
 from llmc.ir import IR_VERSION, Module, module_to_json
 from llmc.runtime.package import (GRAPH_FILE, METADATA_FILE, PACKAGE_FORMAT, WEIGHT_ALIGNMENT, WEIGHTS_FILE,
-                                  file_record, weights_layout)
+                                  file_record, sealed_metadata, weights_layout)
 from llmc.targets import Target
 
 from .build import build_library
@@ -38,8 +36,6 @@ def write_weights(path: Path, tensors: list[tuple[str, np.ndarray]]) -> list[dic
 def write_package(module: Module, targets: Sequence[Target], directory: Path, model_info: dict[str, Any],
                   tokenizer_info: dict[str, Any] | None,
                   on_target: Callable[[Target], None] = lambda target: None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / METADATA_FILE).unlink(missing_ok=True)
     order = weight_order(module)
     table = write_weights(directory / WEIGHTS_FILE, [(name, module.weights[name]) for name in order])
     (directory / GRAPH_FILE).write_text(module_to_json(module))
@@ -67,5 +63,5 @@ def write_package(module: Module, targets: Sequence[Target], directory: Path, mo
         "files": {name: file_record(directory / name) for name in dict.fromkeys(files)},
         "tokenizer": tokenizer_info,
     }
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    (directory / METADATA_FILE).write_text(sealed_metadata(metadata))
     return directory

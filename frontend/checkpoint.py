@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.ir import LlmcError
+from llmc.runtime.package import incomplete_package
 
 GGUF_MAGIC = b"GGUF"
 # An ONNX ModelProto starts with field 1 (ir_version, a small varint): bytes 0x08, 0x01..0x7f.
@@ -74,6 +75,9 @@ def resolve_model(spec: str) -> ModelSource:
         known = ", ".join(BUILTIN_MODELS)
         raise LlmcError(f"{spec!r} is neither a file, a folder, nor a built-in model name ({known})")
     if path.is_dir():
+        unfinished = incomplete_package(path)
+        if unfinished:
+            raise LlmcError(unfinished)
         if (path / ONNX_FILE).is_file() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             return ModelSource("onnx", path / ONNX_FILE, path.name)
         if not (path / "config.json").is_file():
@@ -113,6 +117,10 @@ def _check_gguf(path: Path) -> None:
         raise LlmcError(f"{path} is a truncated or corrupt GGUF file ({type(error).__name__}: {error})") from None
 
 
+# What transformers says of an architecture without SDPA attention (Mamba, ...).
+NO_SDPA = "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention"
+
+
 def load_torch_model(source: ModelSource) -> Any:
     """The checkpoint as a float32 PyTorch causal LM in eval mode, with SDPA attention."""
     import torch
@@ -126,13 +134,37 @@ def load_torch_model(source: ModelSource) -> Any:
         with _quiet():
             if source.kind == "hf":
                 AutoConfig.from_pretrained(str(source.folder))
-            model = AutoModelForCausalLM.from_pretrained(str(source.folder), **kwargs)
+            # Mismatched shapes are reported, not raised, so that the error can name them.
+            model, loading = AutoModelForCausalLM.from_pretrained(str(source.folder), output_loading_info=True,
+                                                                  ignore_mismatched_sizes=True, **kwargs)
     except LlmcError:
         raise
-    except Exception as error:  # transformers raises many types for unusable checkpoints
+    except Exception as error:  # transformers raises many types for unusable checkpoints (shape mismatches too)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if NO_SDPA in message:  # transformers' own advice (an argument to from_pretrained) is no use here
+            architecture = message.split()[0]
+            raise LlmcError(f"{source.path} is a {architecture}, which llmc cannot compile: it has no attention "
+                            "through scaled_dot_product_attention. llmc compiles decoder-only transformers; "
+                            "state-space and recurrent models (Mamba, RWKV, ...) are not supported.") from None
         raise LlmcError(f"could not load {source.path} as a causal language model: {message}") from None
+    _check_every_parameter_loaded(source, loading)
     return model.eval()
+
+
+def _check_every_parameter_loaded(source: ModelSource, loading: dict[str, Any]) -> None:
+    """transformers initialises a parameter the checkpoint lacks (or holds in another shape) at random
+    and skips a tensor it does not know: each would compile into a package that silently computes
+    something else."""
+    problems = []
+    if loading.get("missing_keys"):
+        problems.append(f"it lacks {', '.join(sorted(loading['missing_keys']))}")
+    if loading.get("unexpected_keys"):
+        problems.append(f"it has tensors the model does not use: {', '.join(sorted(loading['unexpected_keys']))}")
+    for name, found, wanted in sorted(loading.get("mismatched_keys") or ()):
+        problems.append(f"{name} has shape {list(found)}, the model needs {list(wanted)}")
+    if problems:
+        raise LlmcError(f"{source.path} does not match its model's parameters: {'; '.join(problems)}. "
+                        "Every parameter must come from the checkpoint.")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

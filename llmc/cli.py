@@ -6,6 +6,7 @@ traceback reaches the user for a problem with their input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -45,8 +46,10 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def _threads(threads: Optional[int]) -> None:
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+    if threads is not None:
+        from llmc.runtime.validation import at_least
+
+        os.environ["TVM_NUM_THREADS"] = str(int(at_least("threads", threads, 1)))
 
 
 @app.command()
@@ -131,8 +134,8 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
     """Generate text from PROMPT, streaming it as it is produced."""
     def action() -> None:
         _threads(threads)
-        engine = _engine(model, device)
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
+        engine = _engine(model, device)
         if as_json:
             result = engine.generate(prompt, params, chat=not raw)
             typer.echo(json.dumps(result.to_json()))
@@ -144,7 +147,8 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
 
 @app.command()
 def chat(model: str = typer.Argument(..., help="package directory or model (compiled for --device and cached)"),
-         max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                                  help="most tokens per answer (default: the rest of the context)"),
          temperature: float = typer.Option(0.0, "--temperature"),
          top_p: float = typer.Option(1.0, "--top-p"),
          seed: Optional[int] = typer.Option(None, "--seed"),
@@ -154,8 +158,8 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
     """A multi-turn chat in the terminal (empty line or Ctrl-D to quit)."""
     def action() -> None:
         _threads(threads)
+        params = _sampling(max_tokens or 1, temperature, top_p, 0, seed, [], 1.0)
         engine = _engine(model, device)
-        params = _sampling(max_tokens, temperature, top_p, 0, seed, [], 1.0)
         messages = [{"role": "system", "content": system}] if system else []
         _stderr().print("chat with the model; an empty line or Ctrl-D ends the chat")
         while True:
@@ -166,6 +170,9 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
             if not line.strip():
                 break
             messages.append({"role": "user", "content": line})
+            if max_tokens is None:  # as the server answers a chat request without max_tokens
+                params = dataclasses.replace(params, max_tokens=max(1, engine.context_length
+                                                                    - len(engine.chat_prompt(messages))))
             result = engine.chat(messages, params, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": result.text})
@@ -185,16 +192,29 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
           step_tokens: int = typer.Option(512, "--step-tokens",
                                           help="most tokens in one batch step (decodes plus prompt chunks)"),
           device: str = typer.Option("cpu", "--device"),
-          threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+          threads: Optional[int] = typer.Option(None, "--threads"),
+          max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="largest request body accepted (413 above)"),
+          body_timeout: float = typer.Option(30.0, "--body-timeout", help="seconds a client has to send its body"),
+          shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
+                                                 help="seconds open streams get to finish on SIGTERM or Ctrl-C")) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     def action() -> None:
         from llmc.runtime.engine import load
-        from llmc.runtime.server import serve as serve_http, serving_cache
+        from llmc.runtime.server import ServerLimits, serve as serve_http, serving_cache
+        from llmc.runtime.validation import at_least, finite, port as check_port
 
         _threads(threads)
+        check_port(port)
+        for name, value in (("max_batch", max_batch), ("step_tokens", step_tokens), ("kv_tokens", kv_tokens or 1)):
+            at_least(name, value, 1)
+        limits = ServerLimits(max_body_bytes=int(at_least("max_body_mb", finite("max_body_mb", max_body_mb), 0.001)
+                                                 * 2**20),
+                              body_timeout_s=at_least("body_timeout", finite("body_timeout", body_timeout), 0.1),
+                              shutdown_timeout_s=at_least("shutdown_timeout",
+                                                          finite("shutdown_timeout", shutdown_timeout), 0))
         package = _package(model, device)
         engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens))
-        serve_http(engine, model_name or model, host, port)
+        serve_http(engine, model_name or model, host, port, limits)
     _guarded(action)
 
 

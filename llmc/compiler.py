@@ -20,6 +20,7 @@ from llmc.frontend.torch_export import import_torch_model
 from llmc.ir import Module
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
 from llmc.codegen.package_writer import write_package
+from llmc.codegen.staged_directory import staged_directory
 from llmc.targets import get_target
 
 from .progress import NoProgress, Reporter, Stages
@@ -69,13 +70,15 @@ def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu
     `tokenizer` (a folder with tokenizer.json / tokenizer_config.json, or a model) when
     given, else from the checkpoint; a PyTorch module without one gets a package without a
     tokenizer (it then takes token ids)."""
-    with shared_gguf_readers():
-        return _compile(model, Path(output), [get_target(t) for t in targets], options, progress or NoProgress(),
-                        tokenizer)
+    target_objects = [get_target(t) for t in targets]
+    with shared_gguf_readers(), staged_directory(Path(output)) as staging:
+        _compile(model, staging, target_objects, options, progress or NoProgress(), tokenizer)
+    return Path(output)
 
 
 def _compile(model: Any, output: Path, target_objects: list, options: PassOptions, progress: Reporter,
-             tokenizer: str | Path | None) -> Path:
+             tokenizer: str | Path | None) -> None:
+    """Compile into `output`, a fresh folder."""
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
     tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
     torch_model = None
@@ -107,7 +110,6 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
     write_package(module, target_objects, output, info, tokenizer_info,
                   on_target=lambda t: progress.stage(f"compiling kernels for {t.name} ({t.description})"))
     progress.finish()
-    return output
 
 
 def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),

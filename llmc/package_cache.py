@@ -2,14 +2,19 @@
 
 The cache key covers what decides the package's contents: the resolved model file or
 folder (path, size, modification time), the IR version, the target and the options.
+An entry is checked (every file's checksum) before it is used and compiled again if it is
+broken; concurrent first uses of one model take a lock, so one compiles and the others wait.
 `LLMC_CACHE_DIR` moves the cache (default: ~/.cache/llmc).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 
@@ -37,11 +42,25 @@ def package_for(model: str, target: str = "cpu", options: PassOptions = PassOpti
     source = resolve_model(model)
     key = f"{_fingerprint(source.path)}|ir{IR_VERSION}|{target}|{options}"
     directory = cache_root() / f"{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if is_package(directory):
+    with _exclusive(directory.with_name(directory.name + ".lock")):
+        if is_package(directory):
+            try:
+                Package.open(directory).verify_all()
+                return directory
+            except PackageError as error:
+                Console(stderr=True).print(f"the cached package is broken ({error}); compiling it again")
+        else:
+            Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)")
+        return compile_with_progress(model, directory, [target], options)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`: a second `llmc run MODEL` waits for the first one's compile."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            Package.open(directory)
-            return directory
-        except PackageError:
-            pass
-    Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)")
-    return compile_with_progress(model, directory, [target], options)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

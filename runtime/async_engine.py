@@ -24,11 +24,18 @@ from .metrics import Throughput
 _Subscriber = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
 
+class EngineStopped(LlmcError):
+    """The engine's worker thread is gone: no request can be served any more."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_stop: Callable[[BaseException], None] = lambda error: None):
+        """`on_stop` is called (from the worker thread) if the worker dies."""
         self.engine = engine
         self.scheduler = Scheduler(engine.model)
         self.throughput = Throughput()
+        self.failure: BaseException | None = None
+        self._on_stop = on_stop
         self._wake = threading.Condition()
         self._commands: list[Callable[[], None]] = []
         self._subscribers: dict[Request, _Subscriber] = {}
@@ -72,6 +79,9 @@ class AsyncEngine:
         Leaving the loop early (or being cancelled) cancels the request."""
         queue: asyncio.Queue = asyncio.Queue()
         self._subscribers[request] = (asyncio.get_running_loop(), queue)
+        if self.failure is not None:
+            self._subscribers.pop(request)
+            raise EngineStopped(f"the engine has stopped: {self.failure}")
         self._submit(lambda: self._add(request))
         finished = False
         try:
@@ -98,7 +108,24 @@ class AsyncEngine:
         except LlmcError as error:  # a request that did not come through `request()`
             self._deliver(request, error)
 
+    def abort_all(self, reason: str) -> None:
+        """End every request, running or waiting, with an error saying `reason`."""
+        def abort() -> None:
+            for request in self.scheduler.fail_all():
+                self._deliver(request, EngineStopped(reason))
+        self._submit(abort)
+
     def _work(self) -> None:
+        try:
+            self._run_steps()
+        except BaseException as error:  # the worker cannot go on: fail everyone now, say so, let the server stop
+            self.failure = error
+            for request in list(self._subscribers):
+                self._deliver(request, EngineStopped(f"the engine has stopped: {type(error).__name__}: {error}"))
+            self._on_stop(error)
+            raise
+
+    def _run_steps(self) -> None:
         while True:
             with self._wake:
                 while not (self._closing or self._commands or self.scheduler.has_work):
@@ -114,9 +141,14 @@ class AsyncEngine:
                 for request in failure.requests:
                     self._deliver(request, failure)
                 continue
-            self.throughput.add(sum(len(delta.token_ids) for _, delta in outputs))
-            for request, delta in outputs:
-                self._deliver(request, delta)
+            except Exception as error:  # outside the model: no single request to blame, so all of them fail
+                failure = LlmcError(f"the engine failed in a batch step: {type(error).__name__}: {error}")
+                for request in self.scheduler.fail_all():
+                    self._deliver(request, failure)
+                continue
+            self.throughput.add(sum(len(item.token_ids) for _, item in outputs if isinstance(item, Delta)))
+            for request, item in outputs:
+                self._deliver(request, item)
 
     def _deliver(self, request: Request, item: Delta | Exception) -> None:
         subscriber = self._subscribers.get(request)

@@ -16,7 +16,7 @@ import numpy as np
 from llmc.errors import LlmcError
 
 from .chat_template import ChatTemplate, Message
-from .model import CacheSettings, CompiledModel, ContextOverflow
+from .model import CacheSettings, CompiledModel, ContextOverflow, check_fits
 from .package import Package
 from .request import Generation, Request
 from .sampling import SamplingParams
@@ -88,7 +88,6 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------------------
     def _run(self, request: Request) -> Iterator[str]:
-        self._check_length(len(request.prompt_ids) + 1)
         cache = self.model.cache
         seq_id = cache.add_sequence()
         try:
@@ -109,7 +108,9 @@ class Engine:
     def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
         if not prompt_ids:
             raise LlmcError("the prompt is empty")
-        return Request(prompt_ids, params or SamplingParams(), self.tokenizer, self.eos_ids, self.context_length)
+        params = params or SamplingParams()
+        check_fits(len(prompt_ids), params.max_tokens, self.context_length)
+        return Request(prompt_ids, params, self.tokenizer, self.eos_ids, self.context_length)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, chat: bool = False,
                  on_text: Callable[[str], None] | None = None) -> Generation:

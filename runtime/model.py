@@ -40,6 +40,16 @@ class ContextOverflow(LlmcError):
     """More tokens than the model's context window."""
 
 
+def check_fits(prompt_tokens: int, max_tokens: int, limit: int) -> None:
+    """Refuse a request whose prompt plus `max_tokens` could exceed `limit` tokens (as vLLM does:
+    refused, not cut short at the limit)."""
+    if prompt_tokens + max_tokens > limit:
+        raise ContextOverflow(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+            "completion). Please reduce the length of the prompt or completion.")
+
+
 class TVMExecutor:
     """Prefill and decode of a TVM library (cpu, cuda) in TVM's Relax VM, over TVM's paged KV cache."""
 

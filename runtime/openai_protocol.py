@@ -22,8 +22,10 @@ from .request import Request
 from .sampling import SamplingParams
 from .scheduler import Delta
 from .tokenizer import Tokenizer
+from .validation import InvalidParameter
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _NUMBER = (int, float)
 # Fields llmc does not implement: accepted only at the value that means "off".
 _UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
@@ -93,18 +95,23 @@ def _stops(body: dict) -> tuple[str, ...]:
     raise ApiError("'stop' must be a string or a list of strings", "stop")
 
 
-def _sampling(body: dict, max_tokens: int) -> SamplingParams:
-    top_k = _get(body, "top_k", (int,), 0)
+def _number(body: dict, name: str, default: float) -> float:
+    value = _get(body, name, _NUMBER, default)
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=float(_get(body, "temperature", _NUMBER, 1.0)),
-                              top_p=float(_get(body, "top_p", _NUMBER, 1.0)), top_k=max(top_k, 0),
-                              repetition_penalty=float(_get(body, "repetition_penalty", _NUMBER, 1.0)),
+        return float(value)
+    except OverflowError:
+        raise ApiError(f"'{name}' is too large: {value}", name) from None
+
+
+def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
+                              top_p=_number(body, "top_p", 1.0), top_k=_get(body, "top_k", (int,), 0),
+                              repetition_penalty=_number(body, "repetition_penalty", 1.0),
                               seed=_get(body, "seed", (int,)), stop=_stops(body),
                               ignore_eos=_get(body, "ignore_eos", (bool,), False))
-    except ApiError:
-        raise
-    except LlmcError as error:
-        raise ApiError(str(error)) from None
+    except InvalidParameter as error:
+        raise ApiError(str(error), error.name) from None
 
 
 def _call(body: dict, engine: AsyncEngine, prompt_ids: list[int], prompt_field: str, max_tokens: int,
@@ -119,11 +126,10 @@ def _call(body: dict, engine: AsyncEngine, prompt_ids: list[int], prompt_field: 
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> int:
+    """The first of `names` given (checked with the other sampling parameters), else `default`."""
     for name in names:
         value = _get(body, name, (int,))
         if value is not None:
-            if value < 1:
-                raise ApiError(f"'{name}' must be at least 1, got {value}", name)
             return value
     return default
 
@@ -150,6 +156,9 @@ def parse_completion(body: dict, engine: AsyncEngine) -> Call:
 def _message_text(message: Any, index: int) -> dict[str, str]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ApiError(f"message {index} must be an object with a 'role' and a 'content'", "messages")
+    if message["role"] not in CHAT_ROLES:
+        raise ApiError(f"message {index} has role {message['role']!r}; roles are {', '.join(CHAT_ROLES)}",
+                       "messages")
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text ones
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)

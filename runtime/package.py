@@ -2,7 +2,7 @@
 
 A package holds `llmc.json` (metadata: model config, targets with their libraries, device
 kinds and TVM runtime libraries, the weights' table, every file's size and checksum,
-tokenizer settings), `weights.bin`, one library per target, the TVM runtime libraries
+tokenizer settings, and a checksum of itself), `weights.bin`, one library per target, the TVM runtime libraries
 those need, `tokenizer.json` and `graph.json` (the IR, for `llmc inspect`). This module
 is the one owner of the format: the compiler's writer uses its constants and layout.
 
@@ -31,6 +31,7 @@ PACKAGE_FORMAT = 2
 METADATA_FILE = "llmc.json"
 WEIGHTS_FILE = "weights.bin"
 GRAPH_FILE = "graph.json"
+METADATA_DIGEST = "metadata_xxh3_128"
 WEIGHT_ALIGNMENT = 64
 # madvise(MADV_POPULATE_READ), Linux 5.14: map every page of the file at once, without copying
 # (Python's mmap module names it only from 3.12 on).
@@ -47,11 +48,12 @@ def digest(data: Any) -> str:
 
 
 def file_digest(path: Path) -> str:
-    hasher = xxhash.xxh3_128()
+    """`digest` of a file's contents, read through a map of the file (no copy)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+        if os.fstat(handle.fileno()).st_size == 0:
+            return digest(b"")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+            return digest(mapping)
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -70,8 +72,28 @@ def weights_layout(tensors: Iterable[tuple[str, np.ndarray]]) -> list[dict[str, 
     return table
 
 
+def _metadata_digest(metadata: dict[str, Any]) -> str:
+    return digest(json.dumps({k: v for k, v in metadata.items() if k != METADATA_DIGEST}, sort_keys=True).encode())
+
+
+def sealed_metadata(metadata: dict[str, Any]) -> str:
+    """The text of `llmc.json` for `metadata`, with the checksum of its own contents inside it."""
+    return json.dumps({**metadata, METADATA_DIGEST: _metadata_digest(metadata)}, indent=1)
+
+
 def is_package(path: str | Path) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
+
+
+def incomplete_package(path: Path) -> str | None:
+    """Why `path` looks like an llmc package that was never finished (its files, no metadata), or None."""
+    if not path.is_dir() or is_package(path):
+        return None
+    found = sorted(p.name for p in path.iterdir() if p.name in (WEIGHTS_FILE, GRAPH_FILE) or p.name.startswith("lib-"))
+    if not found:
+        return None
+    return (f"{path} is an incomplete llmc package: it has {', '.join(found)} but no {METADATA_FILE} (a compile "
+            "into it did not finish). Compile the model again.")
 
 
 @dataclass
@@ -84,7 +106,7 @@ class Package:
         path = Path(path)
         meta_file = path / METADATA_FILE
         if not meta_file.is_file():
-            raise PackageError(f"{path} is not an llmc package: it has no {METADATA_FILE}")
+            raise PackageError(incomplete_package(path) or f"{path} is not an llmc package: it has no {METADATA_FILE}")
         try:
             metadata = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -93,6 +115,9 @@ class Package:
             found = metadata.get("package_format") if isinstance(metadata, dict) else None
             raise PackageError(f"{path} has package format {found}; this llmc reads format {PACKAGE_FORMAT}. "
                                "Recompile the model.")
+        if metadata.get(METADATA_DIGEST) != _metadata_digest(metadata):
+            raise PackageError(f"{meta_file} does not match the checksum written inside it: the file is corrupt or "
+                               "was edited. Recompile the model.")
         package = cls(path, metadata)
         for name, record in metadata["files"].items():
             file = path / name
@@ -114,32 +139,36 @@ class Package:
                                f"{', '.join(self.target_names)}")
         return self.metadata["targets"][name]
 
-    def _check(self, name: str, data: Any) -> None:
-        if digest(data) != self.metadata["files"][name]["xxh3_128"]:
+    def _check(self, name: str, actual_digest: str) -> None:
+        if actual_digest != self.metadata["files"][name]["xxh3_128"]:
             raise PackageError(f"{self.path / name} does not match the checksum recorded when the package was built: "
                                "the file is corrupt or was replaced. Recompile the model.")
 
     def verified(self, name: str) -> Path:
         """The path of one of the package's files, after checking its contents."""
         path = self.path / name
-        self._check(name, path.read_bytes())
+        self._check(name, file_digest(path))
         return path
+
+    def verify_all(self) -> None:
+        """Check every file against its checksum (what loading checks file by file, all at once)."""
+        for name in self.metadata["files"]:
+            self._check(name, file_digest(self.path / name))
 
     def library_path(self, target: str) -> Path:
         return self.verified(self.target(target)["library"])
 
     def runtime_libraries(self, target: str) -> list[Path]:
-        """The TVM runtime libraries a target's library needs, in load order: the installed `tvm`
-        package's own file where it is the same (see tvm_runtime.py), else the package's copy."""
+        """The TVM runtime libraries a target's library needs, in load order, each checked: the installed
+        `tvm` package's own file where it is the same (see tvm_runtime.py), else the package's copy."""
         from .tvm_runtime import installed_library
 
         paths = []
         for name in self.target(target)["runtime_libraries"]:
+            packaged = self.verified(name)
             installed = installed_library(name)
-            if installed is not None and file_digest(installed) == self.metadata["files"][name]["xxh3_128"]:
-                paths.append(installed)
-            else:
-                paths.append(self.verified(name))
+            same = installed is not None and file_digest(installed) == self.metadata["files"][name]["xxh3_128"]
+            paths.append(installed if same else packaged)
         return paths
 
     def weights(self) -> Iterator[np.ndarray]:
@@ -156,7 +185,7 @@ class Package:
                 mapping.madvise(_MADV_POPULATE_READ)
             except OSError:  # kernels before 5.14: the pages are mapped as they are first read
                 pass
-        self._check(WEIGHTS_FILE, memoryview(mapping))
+        self._check(WEIGHTS_FILE, digest(memoryview(mapping)))
         for entry in self.metadata["weights"]["tensors"]:
             dtype = np.dtype(entry["dtype"])
             array = np.frombuffer(mapping, dtype=dtype, count=entry["nbytes"] // dtype.itemsize, offset=entry["offset"])

@@ -12,11 +12,18 @@ from typing import Sequence
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from .validation import MAX_SEED, InvalidParameter, at_least, finite, in_range
+
+
+# Below this temperature sampling is greedy: dividing logits by it would overflow to infinities.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to pick tokens and when to stop; checked once here, for the CLI, the API and the server.
+    `top_k` 0 or -1 (vLLM's spelling) means off."""
+
     max_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
@@ -27,16 +34,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise LlmcError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise LlmcError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LlmcError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise LlmcError(f"top_k must be 0 (off) or more, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise LlmcError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        at_least("max_tokens", self.max_tokens, 1)
+        temperature = at_least("temperature", finite("temperature", self.temperature), 0)
+        object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature)
+        if not 0 < finite("top_p", self.top_p) <= 1:
+            raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "top_k", max(int(at_least("top_k", self.top_k, -1)), 0))
+        if not finite("repetition_penalty", self.repetition_penalty) > 0:
+            raise InvalidParameter("repetition_penalty",
+                                   f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.seed is not None:
+            in_range("seed", self.seed, 0, MAX_SEED)
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
@@ -62,7 +70,8 @@ class Sampler:
         logits = logits.astype(np.float64, copy=True)
         seen = np.unique(np.asarray(history, dtype=np.int64))
         values = logits[seen]
-        logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+        with np.errstate(over="ignore"):  # a tiny penalty may overflow; `sample` clips infinities
+            logits[seen] = np.where(values > 0, values / penalty, values * penalty)
         return logits
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, float]:
@@ -72,7 +81,9 @@ class Sampler:
         if self.params.greedy:
             token = int(np.argmax(scores))
             return token, float(logprobs[token])
-        scores = scores.astype(np.float64) / self.params.temperature
+        # Extreme but valid settings (a penalty of 1e-300, say) overflow to infinity: keep the order, drop the inf.
+        scores = np.nan_to_num(scores.astype(np.float64) / self.params.temperature, nan=-np.inf,
+                               posinf=np.finfo(np.float64).max)
         if self.params.top_k and self.params.top_k < scores.size:
             cutoff = np.partition(scores, -self.params.top_k)[-self.params.top_k]
             scores = np.where(scores >= cutoff, scores, -np.inf)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from llmc.errors import LlmcError
 
-from .model import CompiledModel, ContextOverflow
+from .model import CompiledModel, check_fits
 from .request import Request
 
 
@@ -49,6 +49,13 @@ class StepFailed(LlmcError):
     def __init__(self, requests: list[Request], cause: Exception):
         super().__init__(f"the model failed in a batch step: {cause}")
         self.requests = requests
+
+
+class RequestFailed(LlmcError):
+    """Picking or decoding one request's next token failed; that request alone is dropped."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(f"generating this request failed: {type(cause).__name__}: {cause}")
 
 
 @dataclass(eq=False)
@@ -103,11 +110,7 @@ class Scheduler:
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request that could not finish even alone (the prompt plus `max_tokens`)."""
-        if prompt_tokens + max_tokens > self.max_sequence_tokens:
-            raise ContextOverflow(
-                f"This model's maximum context length is {self.max_sequence_tokens} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
-                "completion). Please reduce the length of the prompt or completion.")
+        check_fits(prompt_tokens, max_tokens, self.max_sequence_tokens)
 
     def add(self, request: Request) -> None:
         self.check_fits(len(request.prompt_ids), request.params.max_tokens)
@@ -122,8 +125,9 @@ class Scheduler:
                 self._drop(entry)
         self._snapshot()
 
-    def step(self) -> list[tuple[Request, Delta]]:
-        """Run one forward step over the scheduled tokens; what each request that got logits produced."""
+    def step(self) -> list[tuple[Request, Delta | RequestFailed]]:
+        """Run one forward step over the scheduled tokens; what each request that got logits produced,
+        or why it failed."""
         plan = _Plan(self.step_tokens, self.cache.free_pages())
         self._schedule_running(plan)
         self._admit_waiting(plan)
@@ -139,13 +143,26 @@ class Scheduler:
                 self._drop(entry)
             self._snapshot()
             raise StepFailed([entry.request for entry in entries], error) from error
-        outputs = []
+        outputs: list[tuple[Request, Delta | RequestFailed]] = []
         for entry, row in zip(entries, logits):
             entry.cached += plan.counts[entry]
             if entry.pending == 0:
-                outputs.append((entry.request, self._accept(entry, row)))
+                try:
+                    outputs.append((entry.request, self._accept(entry, row)))
+                except Exception as error:  # sampling, detokenization, stop strings: this request only
+                    if entry in self.running:
+                        self._drop(entry)
+                    outputs.append((entry.request, RequestFailed(error)))
         self._snapshot()
         return outputs
+
+    def fail_all(self) -> list[Request]:
+        """Drop every request (after an error the scheduler cannot pin on some of them); the dropped."""
+        dropped = [entry.request for entry in self.running + self.waiting]
+        for entry in self.running + self.waiting:
+            self._drop(entry)
+        self._snapshot()
+        return dropped
 
     # -- planning ----------------------------------------------------------------------------------------
     def _schedule_running(self, plan: _Plan) -> None:

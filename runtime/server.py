@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -24,13 +26,13 @@ from starlette.routing import Route
 
 from llmc.errors import LlmcError
 
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, EngineStopped
 from .engine import Engine
 from .metrics import prometheus_text
 from .model import CacheSettings
 from .openai_protocol import ApiError, Call, Reply, error_body, parse_chat, parse_completion
 from .package import Package
-from .scheduler import Delta, StepFailed
+from .scheduler import Delta, RequestFailed, StepFailed
 
 KV_TOKENS_PER_SEQUENCE = 1024
 
@@ -47,10 +49,39 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _json_body(http: HttpRequest) -> dict:
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may cost the server before it is refused, and how long shutdown waits."""
+
+    max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
+
+
+async def _read_body(http: HttpRequest, limits: ServerLimits) -> bytes:
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise ApiError(f"the request body has {declared} bytes; this server takes at most {limits.max_body_bytes}",
+                       status=413, code="request_too_large")
+    parts, size = [], 0
+    async for part in http.stream():
+        size += len(part)
+        if size > limits.max_body_bytes:
+            raise ApiError(f"the request body is over {limits.max_body_bytes} bytes, the most this server takes",
+                           status=413, code="request_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _json_body(http: HttpRequest, limits: ServerLimits) -> dict:
     try:
-        body = json.loads(await http.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raw = await asyncio.wait_for(_read_body(http, limits), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(f"the request body did not arrive within {limits.body_timeout_s:g} s", status=408,
+                       code="request_timeout") from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ApiError(f"the request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
@@ -64,7 +95,7 @@ async def _events(reply: Reply, deltas: AsyncIterator[Delta]) -> AsyncIterator[s
                 yield _sse(chunk)
         if reply.call.include_usage:
             yield _sse(reply.usage_chunk())
-    except LlmcError as error:  # the model failed mid-stream: the status line is already sent
+    except Exception as error:  # the model failed mid-stream: the status line is already sent
         yield _sse(error_body(str(error), "server_error"))
     yield _sse("[DONE]")
 
@@ -89,7 +120,7 @@ async def _collect(http: HttpRequest, reply: Reply, deltas: AsyncIterator[Delta]
         await work
 
 
-def create_app(engine: AsyncEngine, model_name: str) -> Starlette:
+def create_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = ServerLimits()) -> Starlette:
     """The ASGI app; it starts the engine's worker thread on startup and stops it on shutdown."""
     if engine.engine.tokenizer is None:
         raise LlmcError(f"the package {engine.engine.package.path} has no tokenizer, which serving needs; "
@@ -106,9 +137,10 @@ def create_app(engine: AsyncEngine, model_name: str) -> Starlette:
 
     def generation(parse: Callable[[dict, AsyncEngine], Call]):
         async def endpoint(http: HttpRequest) -> Response:
-            body = await _json_body(http)
+            body = await _json_body(http, limits)
             check_model(body)
-            call = parse(body, engine)
+            # Tokenizing and rendering the template can take a while for a long prompt: not on the event loop.
+            call = await asyncio.to_thread(parse, body, engine)
             reply = Reply(call, model_name, engine.engine.tokenizer)
             deltas = engine.stream(call.request)
             if call.stream:
@@ -134,7 +166,9 @@ def create_app(engine: AsyncEngine, model_name: str) -> Starlette:
         if isinstance(error, HTTPException):
             kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
             return JSONResponse(error_body(str(error.detail), kind), error.status_code)
-        if isinstance(error, StepFailed) or not isinstance(error, LlmcError):
+        if isinstance(error, EngineStopped):
+            return JSONResponse(error_body(str(error), "server_error"), 503)
+        if isinstance(error, (StepFailed, RequestFailed)) or not isinstance(error, LlmcError):
             return JSONResponse(error_body(str(error), "server_error"), 500)
         return JSONResponse(error_body(str(error), "invalid_request_error"), 400)
 
@@ -151,7 +185,34 @@ def create_app(engine: AsyncEngine, model_name: str) -> Starlette:
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
 
 
-def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
-    """Serve until interrupted."""
-    app = create_app(AsyncEngine(engine), model_name)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+class _Server(uvicorn.Server):
+    """uvicorn, whose shutdown ends the streams still open at the deadline with an error event."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float):
+        super().__init__(config)
+        self.engine, self.shutdown_timeout_s = engine, shutdown_timeout_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit:
+            deadline = threading.Timer(self.shutdown_timeout_s, self.engine.abort_all,
+                                       ("the server is shutting down; the request was ended",))
+            deadline.daemon = True
+            deadline.start()
+        super().handle_exit(sig, frame)
+
+
+def serve(engine: Engine, model_name: str, host: str, port: int, limits: ServerLimits = ServerLimits()) -> None:
+    """Serve until interrupted (SIGINT or SIGTERM: new connections are refused, open streams get
+    `limits.shutdown_timeout_s` to finish). If the engine dies, the server stops and this raises,
+    so that the process exits non-zero and a supervisor restarts it."""
+    def stop(_: BaseException) -> None:
+        server.should_exit = True
+
+    async_engine = AsyncEngine(engine, on_stop=stop)
+    config = uvicorn.Config(create_app(async_engine, model_name, limits), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=limits.shutdown_timeout_s + 5)
+    server = _Server(config, async_engine, limits.shutdown_timeout_s)
+    server.run()
+    if async_engine.failure is not None:
+        raise LlmcError(f"the engine stopped ({type(async_engine.failure).__name__}: {async_engine.failure}); "
+                        "the server exits so that it can be restarted")

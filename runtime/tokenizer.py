@@ -41,7 +41,12 @@ class Tokenizer:
         self.eos_token_ids = list(eos_token_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates: undecodable bytes in argv, "\ud800" in JSON
+            raise LlmcError(f"the text is not valid Unicode: {error.reason} at character {error.start}") from None
+        # encode_batch, unlike encode, lets go of the GIL: a long prompt does not stall the server's other threads.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

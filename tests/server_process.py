@@ -1,12 +1,54 @@
-"""`llmc serve` as a separate process in tests: start it on a free loopback port, wait until it answers."""
+"""Servers in tests: the server app in a thread of the test process (`ServerThread`), or `llmc serve`
+as a separate process (`start_server`), each on a free loopback port and ready when returned."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
+import openai
+import uvicorn
+
+import llmc
+from llmc.runtime.async_engine import AsyncEngine
+from llmc.runtime.model import CacheSettings
+from llmc.runtime.server import ServerLimits, create_app
+
+MODEL = "tiny-chat"
+
+
+class ServerThread:
+    """The server app in uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, package: str, cache: CacheSettings, limits: ServerLimits = ServerLimits()):
+        self.stopped: list[BaseException] = []
+        self.engine = AsyncEngine(llmc.load(package, cache=cache), on_stop=self.stopped.append)
+        config = uvicorn.Config(create_app(self.engine, MODEL, limits), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        return {name: float(value) for name, value in re.findall(r"^(llmc_\w+) (\S+)$", text, re.MULTILINE)}
 
 
 def free_port() -> int:

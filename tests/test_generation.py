@@ -95,15 +95,17 @@ def test_repetition_penalty_changes_greedy_choices(tiny_package):
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tiny_package):
     engine = llmc.load(tiny_package("llama_mha_tied"))
-    with pytest.raises(ContextOverflow, match="context window of 256"):
+    with pytest.raises(ContextOverflow, match="maximum context length is 256 tokens"):
         engine.generate(list(range(300)))
     with pytest.raises(ContextOverflow, match="context window of 256"):
         engine.forward(list(range(257)))
 
 
-def test_generation_stops_at_the_end_of_the_context(tiny_package):
+def test_a_request_that_could_pass_the_context_is_refused_as_the_server_does(tiny_package):
     engine = llmc.load(tiny_package("llama_mha_tied"))
-    result = engine.generate(list(range(250)), SamplingParams(max_tokens=50))
+    with pytest.raises(ContextOverflow, match=r"requested 300 tokens \(250 in the prompt, 50 in the completion\)"):
+        engine.generate(list(range(250)), SamplingParams(max_tokens=50))
+    result = engine.generate(list(range(250)), SamplingParams(max_tokens=6, ignore_eos=True))
     assert len(result.output_ids) == 6 and result.finish_reason == "length"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,49 +15,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 import llmc
-from llmc.runtime.async_engine import AsyncEngine
 from llmc.runtime.model import CacheSettings
 from llmc.runtime.request import Request
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
-from llmc.runtime.server import create_app
-from server_process import free_port, start_server
+from server_process import MODEL, ServerThread, free_port, start_server
 from tiny_models import CHAT_WORDS
-
-MODEL = "tiny-chat"
-
-
-class ServerThread:
-    """The server app in uvicorn on a free loopback port, in a thread of this process."""
-
-    def __init__(self, package: str, cache: CacheSettings):
-        self.engine = AsyncEngine(llmc.load(package, cache=cache))
-        config = uvicorn.Config(create_app(self.engine, MODEL), host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics").text
-        return {name: float(value) for name, value in re.findall(r"^(llmc_\w+) (\S+)$", text, re.MULTILINE)}
-
 
 @pytest.fixture(scope="module")
 def server(chat_package):

@@ -52,18 +52,22 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def build_chat_package(folder: Path) -> str:
-    """A tiny random Llama with a byte-level BPE tokenizer (trained on CHAT_WORDS), an EOS token and a
-    chat template, compiled for the CPU into `folder`/package."""
-    from llmc.compiler import compile_model
-
+def save_chat_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on CHAT_WORDS, with an EOS token and a chat template."""
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator([" ".join(CHAT_WORDS)] * 20, trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>",
-                                         chat_template=CHAT_TEMPLATE).save_pretrained(folder / "tokenizer")
+                                         chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+
+
+def build_chat_package(folder: Path) -> str:
+    """A tiny random Llama with the chat tokenizer, compiled for the CPU into `folder`/package."""
+    from llmc.compiler import compile_model
+
+    save_chat_tokenizer(folder / "tokenizer")
     # A wide init makes the logits peaked, so greedy choices are far from ties.
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
