@@ -366,6 +366,16 @@ def test_a_checkpoint_must_supply_every_parameter(model_folder, tmp_path, damage
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_without_attention_is_refused_without_advice_llmc_cannot_follow(tmp_path):
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, state_size=4)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
+    result = llmc_cli("compile", str(tmp_path / "mamba"), "-o", str(tmp_path / "out"), timeout=300)
+    clean_failure(result, "is a MambaForCausalLM, which llmc cannot compile")
+    assert b"attn_implementation" not in result.stderr
+
+
 def test_every_file_of_a_package_is_checked_for_truncation_and_flipped_bytes(chat_package, tmp_path):
     files = [METADATA_FILE, *Package.open(chat_package).metadata["files"]]
     rng = np.random.default_rng(0)
