@@ -151,17 +151,26 @@ def load_torch_model(source: ModelSource) -> Any:
     return model.eval()
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _check_every_parameter_loaded(source: ModelSource, loading: dict[str, Any]) -> None:
     """transformers initialises a parameter the checkpoint lacks (or holds in another shape) at random
     and skips a tensor it does not know: each would compile into a package that silently computes
     something else."""
     problems = []
     if loading.get("missing_keys"):
-        problems.append(f"it lacks {', '.join(sorted(loading['missing_keys']))}")
+        problems.append(f"it lacks {_some(sorted(loading['missing_keys']))}")
     if loading.get("unexpected_keys"):
-        problems.append(f"it has tensors the model does not use: {', '.join(sorted(loading['unexpected_keys']))}")
-    for name, found, wanted in sorted(loading.get("mismatched_keys") or ()):
-        problems.append(f"{name} has shape {list(found)}, the model needs {list(wanted)}")
+        problems.append(f"it has tensors the model does not use: {_some(sorted(loading['unexpected_keys']))}")
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if mismatched:
+        problems.append(_some([f"{name} has shape {list(found)}, the model needs {list(wanted)}"
+                               for name, found, wanted in mismatched]))
+    problems += [str(message) for message in loading.get("error_msgs") or ()]
     if problems:
         raise LlmcError(f"{source.path} does not match its model's parameters: {'; '.join(problems)}. "
                         "Every parameter must come from the checkpoint.")

@@ -158,7 +158,7 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
     """A multi-turn chat in the terminal (empty line or Ctrl-D to quit)."""
     def action() -> None:
         _threads(threads)
-        params = _sampling(max_tokens or 1, temperature, top_p, 0, seed, [], 1.0)
+        params = _sampling(1 if max_tokens is None else max_tokens, temperature, top_p, 0, seed, [], 1.0)
         engine = _engine(model, device)
         messages = [{"role": "system", "content": system}] if system else []
         _stderr().print("chat with the model; an empty line or Ctrl-D ends the chat")
@@ -205,7 +205,7 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
 
         _threads(threads)
         check_port(port)
-        for name, value in (("max_batch", max_batch), ("step_tokens", step_tokens), ("kv_tokens", kv_tokens or 1)):
+        for name, value in (("max_batch", max_batch), ("step_tokens", step_tokens), ("kv_tokens", 1 if kv_tokens is None else kv_tokens)):
             at_least(name, value, 1)
         limits = ServerLimits(max_body_bytes=int(at_least("max_body_mb", finite("max_body_mb", max_body_mb), 0.001)
                                                  * 2**20),

@@ -9,12 +9,9 @@ broken; concurrent first uses of one model take a lock, so one compiles and the 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 from rich.console import Console
 
@@ -24,6 +21,7 @@ from llmc.passes.pipeline import PassOptions
 from llmc.runtime.package import Package, PackageError, is_package
 
 from .compiler import compile_with_progress
+from .file_lock import exclusive
 
 
 def cache_root() -> Path:
@@ -42,25 +40,14 @@ def package_for(model: str, target: str = "cpu", options: PassOptions = PassOpti
     source = resolve_model(model)
     key = f"{_fingerprint(source.path)}|ir{IR_VERSION}|{target}|{options}"
     directory = cache_root() / f"{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    with _exclusive(directory.with_name(directory.name + ".lock")):
+    with exclusive(directory.with_name(directory.name + ".lock")):
         if is_package(directory):
             try:
                 Package.open(directory).verify_all()
                 return directory
             except PackageError as error:
-                Console(stderr=True).print(f"the cached package is broken ({error}); compiling it again")
+                Console(stderr=True).print(f"the cached package is broken ({error}); compiling it again", markup=False)
         else:
-            Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)")
+            Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)",
+                                          markup=False)
         return compile_with_progress(model, directory, [target], options)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_file`: a second `llmc run MODEL` waits for the first one's compile."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -10,6 +10,7 @@ While it runs, the engine's model belongs to the worker: use the `Engine` only t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import AsyncIterator, Callable, Sequence
 
@@ -18,7 +19,7 @@ from llmc.errors import LlmcError
 from .engine import Engine
 from .request import Request
 from .sampling import SamplingParams
-from .scheduler import Delta, Scheduler, SchedulerStats, StepFailed
+from .scheduler import Delta, RequestFailed, Scheduler, SchedulerStats, StepFailed
 from .metrics import Throughput
 
 _Subscriber = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
@@ -29,6 +30,8 @@ class EngineStopped(LlmcError):
 
 
 class AsyncEngine:
+    """The batching engine behind the server: requests in from the event loop, deltas back to it."""
+
     def __init__(self, engine: Engine, on_stop: Callable[[BaseException], None] = lambda error: None):
         """`on_stop` is called (from the worker thread) if the worker dies."""
         self.engine = engine
@@ -40,6 +43,7 @@ class AsyncEngine:
         self._commands: list[Callable[[], None]] = []
         self._subscribers: dict[Request, _Subscriber] = {}
         self._closing = False
+        self._stopped = False
         self._worker: threading.Thread | None = None
 
     @property
@@ -79,9 +83,9 @@ class AsyncEngine:
         Leaving the loop early (or being cancelled) cancels the request."""
         queue: asyncio.Queue = asyncio.Queue()
         self._subscribers[request] = (asyncio.get_running_loop(), queue)
-        if self.failure is not None:
+        if self._stopped:
             self._subscribers.pop(request)
-            raise EngineStopped(f"the engine has stopped: {self.failure}")
+            raise self._stopped_error()
         self._submit(lambda: self._add(request))
         finished = False
         try:
@@ -110,20 +114,30 @@ class AsyncEngine:
 
     def abort_all(self, reason: str) -> None:
         """End every request, running or waiting, with an error saying `reason`."""
-        def abort() -> None:
-            for request in self.scheduler.fail_all():
-                self._deliver(request, EngineStopped(reason))
-        self._submit(abort)
+        self._submit(lambda: self._fail_all(EngineStopped(reason)))
+
+    def _fail_all(self, error: LlmcError) -> None:
+        for request in self.scheduler.fail_all():
+            self._deliver(request, error)
 
     def _work(self) -> None:
         try:
             self._run_steps()
         except BaseException as error:  # the worker cannot go on: fail everyone now, say so, let the server stop
             self.failure = error
-            for request in list(self._subscribers):
-                self._deliver(request, EngineStopped(f"the engine has stopped: {type(error).__name__}: {error}"))
-            self._on_stop(error)
             raise
+        finally:
+            self._stopped = True
+            try:
+                for request in list(self._subscribers):
+                    self._deliver(request, self._stopped_error())
+            finally:
+                if self.failure is not None:
+                    self._on_stop(self.failure)
+
+    def _stopped_error(self) -> EngineStopped:
+        cause = f": {type(self.failure).__name__}: {self.failure}" if self.failure is not None else ""
+        return EngineStopped(f"the engine has stopped{cause}")
 
     def _run_steps(self) -> None:
         while True:
@@ -134,7 +148,10 @@ class AsyncEngine:
                     return
                 commands, self._commands = self._commands, []
             for command in commands:
-                command()
+                try:
+                    command()
+                except Exception as error:  # a cancel that failed leaves the KV state in doubt: start clean
+                    self._fail_all(RequestFailed(error))
             try:
                 outputs = self.scheduler.step()
             except StepFailed as failure:
@@ -142,9 +159,7 @@ class AsyncEngine:
                     self._deliver(request, failure)
                 continue
             except Exception as error:  # outside the model: no single request to blame, so all of them fail
-                failure = LlmcError(f"the engine failed in a batch step: {type(error).__name__}: {error}")
-                for request in self.scheduler.fail_all():
-                    self._deliver(request, failure)
+                self._fail_all(RequestFailed(error))
                 continue
             self.throughput.add(sum(len(item.token_ids) for _, item in outputs if isinstance(item, Delta)))
             for request, item in outputs:
@@ -154,4 +169,5 @@ class AsyncEngine:
         subscriber = self._subscribers.get(request)
         if subscriber is not None:
             loop, queue = subscriber
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -22,7 +22,7 @@ from .request import Request
 from .sampling import SamplingParams
 from .scheduler import Delta
 from .tokenizer import Tokenizer
-from .validation import InvalidParameter
+from .validation import InvalidParameter, at_least
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -126,11 +126,14 @@ def _call(body: dict, engine: AsyncEngine, prompt_ids: list[int], prompt_field: 
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> int:
-    """The first of `names` given (checked with the other sampling parameters), else `default`."""
+    """The first of `names` given, else `default`."""
     for name in names:
         value = _get(body, name, (int,))
         if value is not None:
-            return value
+            try:
+                return int(at_least(name, value, 1))
+            except InvalidParameter as error:
+                raise ApiError(str(error), name) from None
     return default
 
 

@@ -27,7 +27,7 @@ import xxhash
 
 from llmc.errors import LlmcError
 
-PACKAGE_FORMAT = 2
+PACKAGE_FORMAT = 3
 METADATA_FILE = "llmc.json"
 WEIGHTS_FILE = "weights.bin"
 GRAPH_FILE = "graph.json"

@@ -83,7 +83,7 @@ class Sampler:
             return token, float(logprobs[token])
         # Extreme but valid settings (a penalty of 1e-300, say) overflow to infinity: keep the order, drop the inf.
         scores = np.nan_to_num(scores.astype(np.float64) / self.params.temperature, nan=-np.inf,
-                               posinf=np.finfo(np.float64).max)
+                               posinf=np.finfo(np.float64).max, neginf=-np.inf)
         if self.params.top_k and self.params.top_k < scores.size:
             cutoff = np.partition(scores, -self.params.top_k)[-self.params.top_k]
             scores = np.where(scores >= cutoff, scores, -np.inf)

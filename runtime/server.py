@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import AsyncIterator, Callable
 
 import uvicorn
@@ -190,14 +191,14 @@ class _Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float):
         super().__init__(config)
-        self.engine, self.shutdown_timeout_s = engine, shutdown_timeout_s
+        self.engine = engine
+        self.deadline = threading.Timer(shutdown_timeout_s, engine.abort_all,
+                                        ("the server is shutting down; the request was ended",))
+        self.deadline.daemon = True
 
-    def handle_exit(self, sig: int, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            deadline = threading.Timer(self.shutdown_timeout_s, self.engine.abort_all,
-                                       ("the server is shutting down; the request was ended",))
-            deadline.daemon = True
-            deadline.start()
+            self.deadline.start()
         super().handle_exit(sig, frame)
 
 
@@ -213,6 +214,7 @@ def serve(engine: Engine, model_name: str, host: str, port: int, limits: ServerL
                             timeout_graceful_shutdown=limits.shutdown_timeout_s + 5)
     server = _Server(config, async_engine, limits.shutdown_timeout_s)
     server.run()
+    server.deadline.cancel()
     if async_engine.failure is not None:
         raise LlmcError(f"the engine stopped ({type(async_engine.failure).__name__}: {async_engine.failure}); "
                         "the server exits so that it can be restarted")

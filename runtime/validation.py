@@ -24,9 +24,14 @@ class InvalidParameter(LlmcError):
 
 
 def finite(name: str, value: float) -> float:
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidParameter(name, f"{name} must be a finite number, got an integer of {len(str(value))} digits") \
+            from None
+    if not math.isfinite(number):
         raise InvalidParameter(name, f"{name} must be a finite number, got {value}")
-    return value
+    return number
 
 
 def at_least(name: str, value: float, low: float) -> float:
