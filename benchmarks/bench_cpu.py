@@ -23,54 +23,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gguf_variants import requantized_gguf  # noqa: E402
 from machine import Meter, describe_machine, wait_quiet  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m"
 
 
-def build_packages(out: Path, formats: tuple[str, ...] = ("f32", "q8", "q4")) -> dict[str, dict]:
-    """llmc packages for each weight format: {format: {path, compile_s, compile_peak_mb}}; a package
-    built earlier is reused if this llmc still reads it."""
+def compiled(model: str, path: Path, options: list[str]) -> dict:
+    """`llmc compile MODEL -o PATH OPTIONS`, timed with its peak memory: {path, compile_s, compile_peak_mb};
+    a package built earlier is reused if this llmc still reads it."""
     from llmc.runtime.package import Package, PackageError
 
-    built = {}
-    for fmt in formats:
-        path = out / f"smollm2-{fmt}"
-        record = path / "bench-compile.json"
-        try:
-            Package.open(path)
-        except PackageError:
-            record.unlink(missing_ok=True)
-        if not record.is_file():
-            start = time.perf_counter()
-            proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "llmc.cli", "compile", MODEL,
-                                   "--quant", fmt, "-o", str(path)], capture_output=True, text=True)
-            if proc.returncode:
-                raise SystemExit(f"compiling {fmt} failed:\n{proc.stderr[-2000:]}")
-            peak = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l) / 1024
-            record.write_text(json.dumps({"compile_s": time.perf_counter() - start, "compile_peak_mb": peak}))
-        built[fmt] = {"path": str(path), **json.loads(record.read_text())}
-    return built
+    record = path / "bench-compile.json"
+    try:
+        Package.open(path)
+    except PackageError:
+        record.unlink(missing_ok=True)
+    if not record.is_file():
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "llmc.cli", "compile", model,
+                               *options, "-o", str(path)], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"compiling {model} {' '.join(options)} failed:\n{proc.stderr[-2000:]}")
+        peak = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l) / 1024
+        record.write_text(json.dumps({"compile_s": time.perf_counter() - start, "compile_peak_mb": peak}))
+    return {"path": str(path), **json.loads(record.read_text())}
+
+
+def build_packages(out: Path, formats: tuple[str, ...] = ("f32", "q8", "q4")) -> dict[str, dict]:
+    """llmc packages of SmolLM2 for each weight format: {format: {path, compile_s, compile_peak_mb}}."""
+    return {fmt: compiled(MODEL, out / f"smollm2-{fmt}", ["--quant", fmt]) for fmt in formats}
 
 
 def f32_gguf(out: Path) -> str:
     """The bundled Q4_1 GGUF re-encoded as f32 by llama.cpp (its dequantized weights, as transformers loads them)."""
-    import ctypes
-
-    import llama_cpp
-
-    from llmc.frontend.checkpoint import resolve_model
-
-    path = out / "SmolLM2-135M-Instruct.f32.gguf"
-    if not path.is_file():
-        llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.nthread, params.ftype, params.allow_requantize = 2, llama_cpp.LLAMA_FTYPE_ALL_F32, True
-        if llama_cpp.llama_model_quantize(str(resolve_model(MODEL).path).encode(), str(path).encode(),
-                                          ctypes.byref(params)):
-            raise SystemExit("llama.cpp could not write the f32 GGUF")
-    return str(path)
+    return str(requantized_gguf("F32", out))
 
 
 class Worker:
@@ -97,6 +85,25 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
+def time_rounds(workers: dict, prompts: dict[str, str], runs: int, new_tokens: int) -> dict[tuple, list[dict]]:
+    """Each (worker key, prompt name) -> its runs' results, in rounds that alternate between the workers; a run
+    during which other processes used more than a fifth of a core is repeated (the machine is shared)."""
+    samples: dict[tuple, list[dict]] = {(key, p): [] for key in workers for p in prompts}
+    for round_ in range(runs):
+        for prompt_name, prompt in prompts.items():
+            for key, worker in workers.items():
+                for _ in range(5):
+                    wait_quiet()
+                    with Meter() as meter:
+                        result = worker.run(prompt, new_tokens)
+                    if meter.others < 0.2:
+                        break
+                samples[(key, prompt_name)].append({**result, "others": meter.others})
+                print(f"round {round_ + 1} {prompt_name:5s} {worker.name:18s} prefill {result['prefill']:8.1f} "
+                      f"decode {result['decode']:7.2f} tok/s (others {meter.others:.2f} cores)", flush=True)
+    return samples
+
+
 def main() -> None:
     from llmc.bench import LONG_PROMPT, SHORT_PROMPT
 
@@ -115,22 +122,10 @@ def main() -> None:
     engines["pytorch f32"] = ("pytorch", MODEL)
     workers = {name: Worker(name, kind, where) for name, (kind, where) in engines.items()}
     prompts = {"short": SHORT_PROMPT, "long": LONG_PROMPT}
-    samples: dict[tuple[str, str], list[dict]] = {(e, p): [] for e in workers for p in prompts}
     for worker in workers.values():
         for prompt in prompts.values():
             worker.run(prompt, 8)
-    for round_ in range(args.runs):
-        for prompt_name, prompt in prompts.items():
-            for name, worker in workers.items():
-                for _ in range(5):
-                    wait_quiet()
-                    with Meter() as meter:
-                        result = worker.run(prompt, args.new_tokens)
-                    if meter.others < 0.2:
-                        break
-                samples[(name, prompt_name)].append({**result, "others": meter.others})
-                print(f"round {round_ + 1} {prompt_name:5s} {name:15s} prefill {result['prefill']:8.1f} "
-                      f"decode {result['decode']:7.2f} tok/s (others {meter.others:.2f} cores)", flush=True)
+    samples = time_rounds(workers, prompts, args.runs, args.new_tokens)
     peaks = {name: worker.peak_mb() for name, worker in workers.items()}
     for worker in workers.values():
         worker.close()

@@ -17,7 +17,7 @@ from tvm import relax, te, tirx
 from llmc.ir import Node
 from llmc.ir import dims as D
 from llmc.ir.ops.shape import slice_bounds
-from llmc.ir.quant_formats import GROUP
+from llmc.ir.quant_formats import GROUP, input_count
 from llmc.ir.types import KVCacheType, TensorType, numpy_dtype
 from llmc.targets import Kernel, OwnKVCache, Target
 
@@ -190,23 +190,31 @@ def _code_byte(codes, row, index, words: bool, signed: bool):
     return byte.astype("int32") - tirx.if_then_else(byte >= tirx.const(128, "uint32"), 256, 0)
 
 
-def _dequantized_value(codes, scales, mins, bits: int, row, k, words: bool):
+def _dequantized_value(codes, scales, mins, bits: int, group: int, row, k, words: bool):
     """The float weight at (row, k) that grouped quantized codes stand for (ir/quant_formats.py)."""
-    group = k // GROUP
-    scale = scales[row, group].astype("float32")
+    scale = scales[row, k // group].astype("float32")
     if bits == 8:
-        return _code_byte(codes, row, k, words, signed=True).astype("float32") * scale
-    position = k % GROUP
-    byte = _code_byte(codes, row, group * (GROUP // 2) + position % (GROUP // 2), words, signed=False)
-    dtype = "uint32" if words else "uint8"
-    nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, dtype), byte >> tirx.const(4, dtype))
-    return nibble.astype("float32") * scale + mins[row, group].astype("float32")
+        code = _code_byte(codes, row, k, words, signed=True).astype("float32")
+    else:
+        block, position = k // GROUP, k % GROUP
+        byte = _code_byte(codes, row, block * (GROUP // 2) + position % (GROUP // 2), words, signed=False)
+        dtype = "uint32" if words else "uint8"
+        nibble = tirx.if_then_else(position < GROUP // 2, byte & tirx.const(15, dtype), byte >> tirx.const(4, dtype))
+        code = nibble.astype("float32") - (8.0 if mins is None else 0.0)
+    value = code * scale
+    return value if mins is None else value + mins[row, k // group].astype("float32")
 
 
-def _dequantized(codes, scales, mins, bits: int, words: bool, name: str):
+def _group(node: Node, codes_index: int) -> int:
+    """Inputs per scale of a quantized weight: K over the number of scale columns."""
+    codes, scales = node.inputs[codes_index].type, node.inputs[codes_index + 1].type
+    return input_count(codes.shape, node.attrs["bits"]) // scales.shape[1]
+
+
+def _dequantized(codes, scales, mins, bits: int, group: int, words: bool, name: str):
     rows, groups = scales.shape
-    return te.compute((rows, groups * GROUP), lambda n, k: _dequantized_value(codes, scales, mins, bits, n, k, words),
-                      name=name)
+    return te.compute((rows, groups * group),
+                      lambda n, k: _dequantized_value(codes, scales, mins, bits, group, n, k, words), name=name)
 
 
 def _code_words(cx, codes_node: Node, codes, name: str):
@@ -226,12 +234,12 @@ def _quantized_linear(cx, node, args):
         weights = [codes, scales] + [a for a in (mins, bias) if a is not None]
         return _call_matmul_kernel(cx, node, kernel, x, weights, residual)
     has_mins, has_bias, has_residual = mins is not None, bias is not None, residual is not None
-    words = cx.target.bytes_as_words
+    words, group = cx.target.bytes_as_words, _group(node, 1)
     codes = _code_words(cx, node.inputs[1], codes, node.name + "_codes")
 
     def compute(x, codes, scales, *extra):
         extra = list(extra)
-        weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, words, "dequantized")
+        weight = _dequantized(codes, scales, extra.pop(0) if has_mins else None, bits, group, words, "dequantized")
         bias = extra.pop(0) if has_bias else None
         residual = extra.pop(0) if has_residual else None
         return _matmul_te(x, weight, bias, residual, "quantized_linear")
@@ -243,15 +251,16 @@ def _quantized_linear(cx, node, args):
 @lowers("quantized_take")
 def _quantized_take(cx, node, args):
     codes, scales, mins, indices = args
-    bits = node.attrs["bits"]
+    bits, group = node.attrs["bits"], _group(node, 0)
     words = cx.target.bytes_as_words
     codes = _code_words(cx, node.inputs[0], codes, node.name + "_codes")
 
     def compute(codes, scales, *rest):
         mins, indices = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
         groups = scales.shape[1]
-        return te.compute(tuple(indices.shape) + (groups * GROUP,),
-                          lambda *i: _dequantized_value(codes, scales, mins, bits, indices[i[:-1]], i[-1], words),
+        return te.compute(tuple(indices.shape) + (groups * group,),
+                          lambda *i: _dequantized_value(codes, scales, mins, bits, group, indices[i[:-1]], i[-1],
+                                                        words),
                           name="quantized_take")
 
     operands = ([mins] if mins is not None else []) + [indices]

@@ -56,10 +56,12 @@ def _threads(threads: Optional[int]) -> None:
 def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m), GGUF file or Hugging Face folder"),
             output: Path = typer.Option(..., "--output", "-o", help="package directory to write"),
             target: str = typer.Option("cpu", "--target", "-t", help="comma-separated targets"),
-            quant: str = typer.Option("f32", "--quant", help="weight format of the layers: f32, q8 or q4"),
+            quant: str = typer.Option("auto", "--quant",
+                                      help="weight format of the layers: auto (the checkpoint's own: a GGUF keeps "
+                                           "each tensor's format), f32, q8 or q4"),
             quant_head: Optional[str] = typer.Option(None, "--quant-head",
                                                      help="weight format of the output head (default: q8 when "
-                                                          "--quant is q8 or q4, else f32)"),
+                                                          "--quant is q8 or q4, else as --quant)"),
             tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
                                                     help="folder or tokenizer.json to take the tokenizer from")) -> None:
     """Compile MODEL into a package directory."""

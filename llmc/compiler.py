@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from llmc.frontend.checkpoint import (config_beside, has_tokenizer, load_torch_model, model_config, resolve_model,
                                       resolve_tokenizer, save_tokenizer)
 from llmc.frontend.gguf_speedup import shared_gguf_readers
+from llmc.frontend.gguf_weights import gguf_source_weights
 from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
 from llmc.frontend.torch_export import import_torch_model
@@ -81,7 +82,7 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
     """Compile into `output`, a fresh folder."""
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
     tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
-    torch_model = None
+    torch_model, sources = None, None
     if source is not None and source.kind == "onnx":
         progress.stage(f"loading {source.name}")
         onnx_model = load_onnx(source.path)
@@ -95,11 +96,13 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
             name = source.name
         else:
             torch_model, name = model, type(model).__name__
+        if source is not None and source.kind == "gguf" and "auto" in (options.quantization, options.head):
+            sources = gguf_source_weights(source.path, torch_model)
         progress.stage("exporting with torch.export and importing into llmc IR")
         module = import_torch_model(torch_model)
         config = model_config(torch_model) if hasattr(torch_model, "config") else None
         info = _model_info(module, name, config, type(torch_model).__name__)
-    module = run_pipeline(module, options, on_pass=progress.stage)
+    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources)
     tokenizer_info = None
     if tokenizer_source is not None and has_tokenizer(tokenizer_source):
         progress.stage("saving the tokenizer")

@@ -1,4 +1,5 @@
-"""`llmc inspect`: a summary of a model's IR (functions, symbolic inputs, op counts, weights).
+"""`llmc inspect`: a summary of a model's IR (functions, symbolic inputs, op counts, weights and
+each weight's format).
 
 It reads a compiled package's graph, or imports a model (without compiling it).
 """
@@ -58,4 +59,19 @@ def describe(module: Module, full_ir: bool = False) -> str:
         lines.append(f"  {sum(counts.values())} ops: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
     if module.metadata.get("kv_cache"):
         lines.append(f"\nkv cache: {module.metadata['kv_cache']}")
+    lines.append("\nweights (name, format):")
+    lines += [f"  {name}  {form}" for name, form in sorted(weight_formats(module).items())]
     return "\n".join(lines)
+
+
+QUANTIZED_PARTS = (".codes", ".scales", ".mins")
+
+
+def weight_formats(module: Module) -> dict[str, str]:
+    """Each weight's format: the quantized ones as the quantize pass recorded them (by their
+    checkpoint names), the others as their dtype."""
+    formats = dict(module.metadata.get("quantization", {}).get("formats", {}))
+    for name, param in module.param_types().items():
+        if not name.endswith(QUANTIZED_PARTS):
+            formats[name] = param.dtype
+    return formats

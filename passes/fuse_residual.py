@@ -1,4 +1,5 @@
-"""Fold a residual add into the matmul before it: `linear(x, W) + r` becomes `linear(x, W, residual=r)`.
+"""Fold a residual add into the matmul before it: `linear(x, W) + r` becomes `linear(x, W, residual=r)`
+(and the same for `quantized_linear`).
 
 Every transformer block ends its attention and its MLP with such an add; computing it
 in the matmul's epilogue saves a pass over the activations and a kernel launch.
@@ -10,19 +11,20 @@ from llmc.ir import GraphBuilder, Module, Node
 
 from .rewrite import Rule, op, rewrite_module, var
 
-_NO_RESIDUAL = lambda node: node.inputs[3] is None  # noqa: E731
+_NO_RESIDUAL = lambda node: node.inputs[-1] is None  # noqa: E731
 
 
 def _build(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
     linear, residual = m["linear"], m["residual"]
     if not residual.type.same_as(linear.type):
         return None
-    x, weight, bias, _ = linear.inputs
-    return builder.op("linear", [x, weight, bias, residual], name=linear.name, source=linear.source)
+    return builder.op(linear.op, [*linear.inputs[:-1], residual], linear.attrs, name=linear.name,
+                      source=linear.source)
 
 
-RULES = [Rule("residual into linear", op("add", op("linear", var(), var(), name="linear", where=_NO_RESIDUAL),
-                                          var("residual")), _build, single_use=("linear",))]
+RULES = [Rule(f"residual into {name}", op("add", op(name, var(), var(), name="linear", where=_NO_RESIDUAL),
+                                          var("residual")), _build, single_use=("linear",))
+         for name in ("linear", "quantized_linear")]
 
 
 def fuse_residual(module: Module) -> Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from llmc.ir import LlmcError, Module, verify_module
 
@@ -12,15 +12,16 @@ from .fold_transposes import fold_transposes
 from .fuse_residual import fuse_residual
 from .fuse_rms_norm import fuse_rms_norm
 from .kv_cache_lowering import lower_kv_cache
-from .quantize import FORMATS, quantize_module
+from .quantize import FORMATS, SourceWeight, quantize_module
 
 
 @dataclass(frozen=True)
 class PassOptions:
-    """What the user asked for at compile time: the weight format of the layers (f32, q8, q4)
-    and of the output head (by default q8 when the layers are quantized, as llama.cpp does)."""
+    """What the user asked for at compile time: the weight format of the layers (auto: the
+    checkpoint's own; or f32, q8, q4) and of the output head (by default the layers' choice for
+    auto and f32, and q8 when the layers are q8 or q4, as llama.cpp does)."""
 
-    quantization: str = "f32"
+    quantization: str = "auto"
     head_quantization: str | None = None
 
     def __post_init__(self) -> None:
@@ -32,26 +33,32 @@ class PassOptions:
     def head(self) -> str:
         if self.head_quantization is not None:
             return self.head_quantization
-        return "f32" if self.quantization == "f32" else "q8"
+        return self.quantization if self.quantization in ("auto", "f32") else "q8"
 
 
-def passes(options: PassOptions) -> list[tuple[str, Callable[[Module], Module]]]:
+def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = None
+           ) -> list[tuple[str, Callable[[Module], Module]]]:
+    """The passes, in order. `sources` holds the weights a checkpoint stores quantized (GGUF blocks),
+    which `auto` keeps as they are."""
     steps = [
         ("lower attention to the paged KV cache", lower_kv_cache),
         ("fold transposes", fold_transposes),
         ("fuse RMSNorm", fuse_rms_norm),
+    ]
+    if options.quantization != "f32" or options.head != "f32":
+        steps.append((f"weight formats ({options.quantization}, head {options.head})",
+                      lambda module: quantize_module(module, options.quantization, options.head, sources)))
+    steps += [
         ("concatenate matmuls that share an input", concat_linears),
         ("fold residual adds into matmuls", fuse_residual),
     ]
-    if options.quantization != "f32" or options.head != "f32":
-        steps.append((f"quantize weights ({options.quantization}, head {options.head})",
-                      lambda module: quantize_module(module, options.quantization, options.head)))
     return steps
 
 
 def run_pipeline(module: Module, options: PassOptions = PassOptions(),
-                 on_pass: Callable[[str], None] = lambda name: None) -> Module:
-    for name, run_pass in passes(options):
+                 on_pass: Callable[[str], None] = lambda name: None,
+                 sources: Mapping[str, SourceWeight] | None = None) -> Module:
+    for name, run_pass in passes(options, sources):
         on_pass(name)
         module = run_pass(module)
         verify_module(module)

@@ -42,11 +42,14 @@ class CpuTarget(Target):
                               linear.linear_f32(n, k, has_bias, has_residual))
         if node.op == "quantized_linear" and self._has_avx2():
             n, k = node.type.shape[-1], node.inputs[0].type.shape[-1]
-            bits = node.attrs["bits"]
-            has_bias, has_residual = node.inputs[4] is not None, node.inputs[5] is not None
+            bits, scales = node.attrs["bits"], node.inputs[2].type
+            group = k // scales.shape[1]
+            has_mins, has_bias, has_residual = (node.inputs[i] is not None for i in (3, 4, 5))
             if linear.supported(n, k, quantized=True):
-                return Kernel(f"linear_q{bits}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
-                              linear.quantized_linear(n, k, bits, has_bias, has_residual))
+                form = f"q{bits}g{group}{'f' if scales.dtype == 'float32' else ''}{'m' if has_mins else ''}"
+                return Kernel(f"linear_{form}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
+                              linear.quantized_linear(n, k, bits, group, scales.dtype, has_mins, has_bias,
+                                                      has_residual))
         return None
 
     def _has_avx2(self) -> bool:

@@ -4,11 +4,15 @@ compiled packages (one compile per model per test session), the tiny chat packag
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tiny_models import build_chat_package, build_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 torch.set_num_threads(2)
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -56,9 +60,28 @@ def llmc_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_package(llmc_cache_dir):
+    """SmolLM2 compiled with float32 weights (as transformers dequantizes the GGUF): the fidelity reference."""
+    from llmc.package_cache import package_for
+    from llmc.passes.pipeline import PassOptions
+
+    return str(package_for("smollm2-135m", options=PassOptions("f32")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_auto_package(llmc_cache_dir):
+    """SmolLM2 as `llmc run smollm2-135m` compiles it: the GGUF's own Q4_1 and Q8_0 weights."""
     from llmc.package_cache import package_for
 
     return str(package_for("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def gguf_variants(tmp_path_factory):
+    """file type (Q4_K_M, Q6_K, ...) -> SmolLM2 re-encoded by llama.cpp's quantizer (written on first use)."""
+    from gguf_variants import requantized_gguf
+
+    folder = tmp_path_factory.mktemp("gguf-variants")
+    return lambda file_type: requantized_gguf(file_type, folder)
 
 
 @pytest.fixture(scope="session")

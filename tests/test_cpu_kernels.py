@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 import tvm
 
-from llmc.ir.quant_formats import dequantize, quantize
+from llmc.ir.ggml_formats import FORMATS
+from llmc.ir.quant_formats import Quantized, dequantize, quantize
 from llmc.targets import get_target
 from llmc.targets.cpu_kernels import attention
 from llmc.targets.cpu_kernels.linear import linear_f32, quantized_linear
 
-N, K = 96, 128
+N, K = 96, 512
+# Where each GGUF block format keeps its fp16 numbers (scales, minimums), in bytes from the block's start.
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
 ROWS = (1, 5, 9, 30)  # below and above the GEMV/GEMM switch, with and without a tail of rows
 
 
@@ -26,9 +30,19 @@ def run(kernel, inputs, out_shape):
     return out.numpy()
 
 
+def random_blocks(name: str, rng: np.random.Generator) -> Quantized:
+    """An (N, K) weight in GGUF format `name`: random bytes, with small positive fp16 scales."""
+    form = FORMATS[name]
+    raw = rng.integers(0, 256, (N, K // form.block, form.block_bytes), dtype=np.uint8)
+    for start in FP16_FIELDS[name]:
+        scale = rng.uniform(0.001, 0.01, (N, K // form.block)).astype(np.float16)
+        raw[..., start:start + 2] = scale.view(np.uint8).reshape(N, K // form.block, 2)
+    return form.to_quantized(raw, K)
+
+
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("has_residual", [False, True])
-@pytest.mark.parametrize("weights", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("weights", ["f32", "q8", "q4", *FORMATS])
 def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K), dtype=np.float32)
@@ -36,11 +50,12 @@ def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
     if weights == "f32":
         kernel, arrays, dense = build(linear_f32(N, K, has_bias, has_residual)), [weight], weight
     else:
-        bits = int(weights[1])
-        q = quantize(weight, bits)
-        kernel = build(quantized_linear(N, K, bits, has_bias, has_residual))
-        arrays = [q.codes, q.scales] + ([q.mins] if bits == 4 else [])
-        dense = dequantize(q.codes, q.scales, q.mins, bits)
+        q = quantize(weight, int(weights[1])) if weights in ("q4", "q8") else random_blocks(weights, rng)
+        group = K // q.scales.shape[1]
+        kernel = build(quantized_linear(N, K, q.bits, group, q.scales.dtype.name, q.mins is not None, has_bias,
+                                        has_residual))
+        arrays = [q.codes, q.scales] + ([q.mins] if q.mins is not None else [])
+        dense = dequantize(q.codes, q.scales, q.mins, q.bits)
     for rows in ROWS:
         x = rng.standard_normal((1, rows, K), dtype=np.float32)
         residual = rng.standard_normal((1, rows, N), dtype=np.float32)

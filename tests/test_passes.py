@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmc.frontend.torch_export import import_torch_model
-from llmc.ir import GraphBuilder, Graph, KVCacheType, ReferenceKVCache, TensorType, run, run_graph
+from llmc.ir import GraphBuilder, Graph, KVCacheType, Module, ReferenceKVCache, TensorType, run, run_graph
 from llmc.ir import dims as D
 from llmc.passes import attention_patterns
 from llmc.passes.kv_cache_lowering import KVCacheLoweringError, lower_kv_cache
@@ -182,7 +182,38 @@ def test_quantization_keeps_logits_within_its_tolerance():
     assert not any(w.dtype == np.float32 and w.ndim == 2 for w in q8.weights.values())
     assert np.abs(_logits(q8, ids) - expected).max() / scale < 0.03
     assert np.abs(_logits(q4, ids) - expected).max() / scale < 0.3
-    assert q4.metadata["quantization"] == {"layers": "q4", "head": "q8"}
+    quantization = q4.metadata["quantization"]
+    assert (quantization["layers"], quantization["head"]) == ("q4", "q8")
+    assert quantization["formats"]["model.embed_tokens.weight"] == "q8"
+    assert quantization["formats"]["model.layers.1.mlp.up_proj.weight"] == "q4"
+
+
+def test_auto_keeps_each_source_format_and_concatenates_only_alike_weights():
+    """auto runs each weight in the form the checkpoint gave it (here: q, k and o in one 4-bit form, v in
+    an 8-bit one, the MLP float); q and k are then concatenated and v stays apart; the interpreter's
+    logits are the float model's on the dequantized weights."""
+    from llmc.ir.quant_formats import dequantize, quantize
+    from llmc.passes.concat_linears import concat_linears
+    from llmc.passes.quantize import SourceWeight, quantize_module
+
+    module = import_torch_model(build_tiny("llama_gqa_tied"))
+    sources = {}
+    for name, weight in module.weights.items():
+        if ".self_attn." in name and weight.ndim == 2:
+            sources[name] = SourceWeight("Q8_0" if "v_proj" in name else "Q4_1",
+                                         quantize(weight, 8 if "v_proj" in name else 4))
+    dequantized = dict(module.weights)
+    for name, source in sources.items():
+        q = source.quantized
+        dequantized[name] = dequantize(q.codes, q.scales, q.mins, q.bits)
+    ids = {"input_ids": np.random.default_rng(9).integers(0, 512, (1, 6))}
+    expected = _logits(Module(module.functions, dequantized, module.metadata), ids)
+    kept = concat_linears(quantize_module(module, "auto", "auto", sources))
+    counts = kept.functions["forward"].op_counts()
+    # per layer: q+k fused, v, o; the float gate/up fused, down; and the float head
+    assert counts["quantized_linear"] == 2 * 3 and counts["linear"] == 2 * 2 + 1
+    assert {v for k, v in kept.metadata["quantization"]["formats"].items()} == {"Q4_1", "Q8_0"}
+    np.testing.assert_allclose(_logits(kept, ids), expected, atol=1e-5, rtol=0)
 
 
 def test_fold_transposes_removes_every_permute_around_paged_attention():

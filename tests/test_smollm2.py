@@ -1,6 +1,8 @@
-"""The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32 as transformers
-loads it): logits parity with PyTorch, and greedy generation token for token equal to
-transformers' `generate`, through the Python API and `llmc run`."""
+"""The bundled SmolLM2-135M-Instruct (Q4_1 GGUF). Compiled with --quant f32 (dequantized to
+float32 as transformers loads it): logits parity with PyTorch, and greedy generation token for
+token equal to transformers' `generate`. Compiled as `llmc run smollm2-135m` does (--quant auto,
+the file's own Q4_1 and Q8_0 blocks): the package holds the file's bytes, prefill logits equal
+PyTorch's on the same dequantized weights, and decode is within int8 activation error."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import llmc
+from dequantized_logits import assert_logits_match_the_dequantized_model
 from llmc.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -70,7 +73,7 @@ def test_greedy_generation_is_token_exact(engine, smollm2_torch, kind, stop_at_e
         assert len(result.output_ids) == NEW_TOKENS
 
 
-def test_llmc_run_uses_the_chat_template_and_the_cached_package(smollm2_package, smollm2_torch, llmc_cache_dir):
+def test_llmc_run_uses_the_chat_template_and_the_cached_package(smollm2_auto_package, smollm2_torch, llmc_cache_dir):
     _, tokenizer = smollm2_torch
     env = {**os.environ, "LLMC_CACHE_DIR": str(llmc_cache_dir), "TVM_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "llmc.cli", "run", "smollm2-135m", CHAT_QUESTION, "--json",
@@ -88,3 +91,32 @@ def test_llmc_run_raw_streams_the_reference_text(smollm2_package):
                              "--max-tokens", "8"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(" Paris.")
+
+
+def test_auto_package_holds_the_files_blocks(smollm2_auto_package):
+    from gguf import GGUFReader
+
+    from llmc.frontend.checkpoint import resolve_model
+    from llmc.runtime.package import Package
+
+    package = Package.open(smollm2_auto_package)
+    quantization = package.metadata["quantization"]
+    assert (quantization["layers"], quantization["head"]) == ("auto", "auto")
+    assert quantization["formats"]["model.layers.3.mlp.down_proj.weight"] == "Q4_1"
+    assert quantization["formats"]["model.embed_tokens.weight"] == "Q8_0"
+    names = [entry["name"] for entry in package.metadata["weights"]["tensors"]]
+    arrays = dict(zip(names, package.weights()))
+    reader = GGUFReader(str(resolve_model("smollm2-135m").path))
+    blocks = np.asarray(next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight").data).reshape(576, -1, 20)
+    codes = next(array for name, array in arrays.items() if name.startswith("model.layers.3.mlp.down_proj")
+                 and name.endswith(".codes"))
+    np.testing.assert_array_equal(codes, blocks[..., 4:].reshape(576, -1))
+    assert sum(array.nbytes for array in arrays.values()) < 100e6  # 538 MB as float32
+
+
+def test_auto_package_logits_are_the_dequantized_models(smollm2_auto_package, smollm2_torch):
+    """transformers' float32 weights are the GGUF's blocks dequantized, so prefill (which dequantizes the
+    blocks exactly) matches it as the f32 package does; decode-sized inputs quantize activations to int8."""
+    model, _ = smollm2_torch
+    engine = llmc.load(smollm2_auto_package)
+    assert_logits_match_the_dequantized_model(engine, model)

@@ -176,10 +176,12 @@ def test_an_absent_vulkan_device_is_refused_with_what_is_missing(monkeypatch):
 
 @needs_vulkan
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["f32", "q4"])
-def test_smollm2_on_vulkan_generates_the_cpu_tokens(tmp_path, quant):
-    """f32: the CPU package's `generate`; q4: the CPU package's exact greedy tokens (`_greedy_by_prefill`)."""
-    path = compile_model("smollm2-135m", tmp_path / "pkg", targets=["cpu", "vulkan"], options=PassOptions(quant))
+@pytest.mark.parametrize("file_type, quant", [(None, "f32"), (None, "q4"), ("Q4_K_M", "auto"), ("Q5_K_M", "auto")])
+def test_smollm2_on_vulkan_generates_the_cpu_tokens(tmp_path, gguf_variants, file_type, quant):
+    """f32: the CPU package's `generate`; quantized (llmc's q4, or a llama.cpp file's own K-quant, 5-bit and 8-bit
+    tensors): the CPU package's exact greedy tokens (`_greedy_by_prefill`)."""
+    model = "smollm2-135m" if file_type is None else str(gguf_variants(file_type))
+    path = compile_model(model, tmp_path / "pkg", targets=["cpu", "vulkan"], options=PassOptions(quant))
     cache = CacheSettings(max_total_tokens=512)
     cpu, vulkan = llmc.load(path, cache=cache), llmc.load(path, device="vulkan", cache=cache)
     prompt = cpu.encode("The capital of France is Paris. The capital of Italy is")

@@ -1,4 +1,5 @@
-"""Ops on grouped quantized weights (see ir/quant_formats.py): a matmul and an embedding lookup.
+"""Ops on grouped quantized weights (ir/quant_formats.py: 4- or 8-bit codes, groups of 32 or 16
+inputs, fp16 or fp32 scales, minimums or not): a matmul and an embedding lookup.
 
 Their meaning is exact: the weights are dequantized and the result is what the float
 op would give on them. Kernels may approximate inside that (the CPU decode kernel
@@ -11,7 +12,7 @@ import numpy as np
 
 from .. import dims as D
 from ..errors import IRError
-from ..quant_formats import GROUP, code_dtype, dequantize
+from ..quant_formats import GROUP, GROUP_SIZES, SCALE_DTYPES, code_dtype, dequantize, input_count
 from ..types import TensorType
 from . import rules
 from .registry import REQUIRED, as_dtype, define
@@ -21,15 +22,16 @@ def _weight_shape(types, op: str, bits: int) -> tuple[int, int]:
     codes, scales = rules.tensor(types[0], op, "codes"), rules.tensor(types[1], op, "scales")
     if bits not in (4, 8):
         raise IRError(f"op {op}: bits must be 4 or 8, got {bits}")
-    if codes.dtype != code_dtype(bits) or scales.dtype != "float16" or codes.rank != 2 or scales.rank != 2:
+    if codes.dtype != code_dtype(bits) or scales.dtype not in SCALE_DTYPES or codes.rank != 2 or scales.rank != 2:
         raise IRError(f"op {op}: codes {codes} / scales {scales} are not a {bits}-bit grouped weight")
     rows, groups = scales.shape
-    cols = groups * GROUP
-    if codes.shape != ((rows, cols // 2) if bits == 4 else (rows, cols)):
-        raise IRError(f"op {op}: codes {codes} do not fit scales {scales}")
+    cols = input_count(codes.shape, bits)
+    if codes.shape[0] != rows or cols % groups or cols // groups not in GROUP_SIZES or cols % GROUP:
+        raise IRError(f"op {op}: codes {codes} do not fit scales {scales} (groups of {', '.join(map(str, GROUP_SIZES))} "
+                      f"inputs, codes in blocks of {GROUP})")
     mins = types[2]
-    if (bits == 4) != (mins is not None) or (mins is not None and not rules.tensor(mins, op, "mins").same_as(scales)):
-        raise IRError(f"op {op}: {bits}-bit weights {'need' if bits == 4 else 'have no'} per-group minimums")
+    if mins is not None and not rules.tensor(mins, op, "mins").same_as(scales):
+        raise IRError(f"op {op}: minimums {mins} must have the scales' type {scales}")
     return rows, cols
 
 

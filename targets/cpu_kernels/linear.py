@@ -1,4 +1,5 @@
-"""CPU kernels for `linear` (float weights) and `quantized_linear` (grouped 4/8-bit weights).
+"""CPU kernels for `linear` (float weights) and `quantized_linear` (grouped 4/8-bit weights of every
+form ir/quant_formats.py allows).
 
 One kernel per weight shape serves decode and prefill: it branches at run time on the
 number of rows m, to a GEMV loop nest for few rows and a packed-panel GEMM for many (see
@@ -60,44 +61,53 @@ def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def quantized_linear(n: int, k: int, bits: int, has_bias: bool, has_residual: bool):
-    groups = k // matmul.GROUP
+def quantized_linear(n: int, k: int, bits: int, group: int, scale_dtype: str, has_mins: bool, has_bias: bool,
+                     has_residual: bool):
+    """`quantized_linear` on an (n, k) grouped weight of the given form (ir/quant_formats.py)."""
+    blocks = k // matmul.GROUP
     half = matmul.GROUP // 2
-    gemv = matmul.int8_gemv(n, k, bits)
+    gemv = matmul.int8_gemv(n, k, bits, group, has_mins)
     NR = matmul.panel_width(n)
     codes_shape = (n, k // 2) if bits == 4 else (n, k)
     codes_dtype = "uint8" if bits == 4 else "int8"
+    code_offset = T.float32(8 if bits == 4 and not has_mins else 0)
+
+    def value(weights, row, code, index):
+        """The weight at input `index` of `row` whose code (float32) is `code`."""
+        scaled = code * T.Cast("float32", weights[1][row, index // group])
+        return scaled + T.Cast("float32", weights[2][row, index // group]) if has_mins else scaled
 
     @T.macro
     def dequantize_panel(panel, first, weights):
         for j in range(NR):
-            for g in range(groups):
-                scale = T.Cast("float32", weights[1][first + j, g])
+            for g in range(blocks):
                 if bits == 4:
-                    minimum = T.Cast("float32", weights[2][first + j, g])
                     for b in range(half):
                         byte = weights[0][first + j, g * half + b]
-                        panel[(g * matmul.GROUP + b) * NR + j] = \
-                            T.Cast("float32", T.bitwise_and(byte, T.uint8(15))) * scale + minimum
-                        panel[(g * matmul.GROUP + b + half) * NR + j] = \
-                            T.Cast("float32", T.shift_right(byte, T.uint8(4))) * scale + minimum
+                        panel[(g * matmul.GROUP + b) * NR + j] = value(
+                            weights, first + j, T.Cast("float32", T.bitwise_and(byte, T.uint8(15))) - code_offset,
+                            g * matmul.GROUP + b)
+                        panel[(g * matmul.GROUP + b + half) * NR + j] = value(
+                            weights, first + j, T.Cast("float32", T.shift_right(byte, T.uint8(4))) - code_offset,
+                            g * matmul.GROUP + b + half)
                 else:
                     for b in range(matmul.GROUP):
-                        panel[(g * matmul.GROUP + b) * NR + j] = \
-                            T.Cast("float32", weights[0][first + j, g * matmul.GROUP + b]) * scale
+                        panel[(g * matmul.GROUP + b) * NR + j] = value(
+                            weights, first + j, T.Cast("float32", weights[0][first + j, g * matmul.GROUP + b]),
+                            g * matmul.GROUP + b)
 
     gemm = matmul.gemm_panels(n, k, dequantize_panel)
 
     @T.macro
     def body(x, codes, scales, mins, bias, res, y, m):
         if m < matmul.GEMV_ROWS:
-            gemv(x, codes, scales, mins if bits == 4 else None, bias if has_bias else None, res, y, m)
+            gemv(x, codes, scales, mins if has_mins else None, bias if has_bias else None, res, y, m)
         else:
-            gemm(x, (codes, scales, mins if bits == 4 else None), bias if has_bias else None, res, y, m)
+            gemm(x, (codes, scales, mins if has_mins else None), bias if has_bias else None, res, y, m)
 
     @T.prim_func
     def quantized(var_x: T.handle, codes: T.Buffer(codes_shape, codes_dtype),
-                  scales: T.Buffer((n, groups), "float16"), mins: T.Buffer((n, groups), "float16"),
+                  scales: T.Buffer((n, k // group), scale_dtype), mins: T.Buffer((n, k // group), scale_dtype),
                   bias: T.Buffer((n,), "float32"), var_res: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         batch, seq = T.int64(), T.int64()

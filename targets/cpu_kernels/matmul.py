@@ -5,8 +5,8 @@
 - `gemm_panels`: many rows (prefill); each parallel task fills an NR-column panel of W
   (transposed, float: copied or dequantized, the on-the-fly packing BLAS does) and runs
   an MR x NR register tile, broadcasting one activation per row against NR/8 vectors.
-- `int8_gemv`: few rows with quantized weights; activations are quantized per group of
-  32 to int8 (scale and sum kept, as llama.cpp's Q8_1), and each group's dot product runs
+- `int8_gemv`: few rows with quantized weights; activations are quantized per block of
+  32 to int8 (scale and sums kept, as llama.cpp's Q8_1), and each block's dot product runs
   on AVX2's u8 x s8 multiply-add (`vpmaddubsw`, `vpmaddwd`).
 Epilogues add the bias and the residual when the kernel has them.
 """
@@ -108,13 +108,18 @@ def gemm_panels(n: int, k: int, fill_panel):
     return gemm
 
 
-def int8_gemv(n: int, k: int, bits: int):
-    """Decode matmul on grouped quantized weights (ir/quant_formats.py) with int8 activations."""
+def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
+    """Decode matmul on grouped quantized weights (ir/quant_formats.py) with int8 activations.
+
+    The integer dot products run per block of 32 inputs (the activations' group); a weight
+    group of 16 takes the low and the high half of each block's 8 partial sums."""
     rows = ROWS_PER_TASK
-    groups = k // GROUP
+    blocks = k // GROUP
+    groups = k // group
+    per_block = GROUP // group
 
     def group_dot(codes, xq, row, i, g):
-        """int32x8 partial sums of codes(row, group g) . xq(row i, group g)."""
+        """int32x8 partial sums of codes(row, block g) . xq(row i, block g); lanes 4l..4l+3 hold inputs 4l..4l+3."""
         if bits == 4:  # low nibbles then high nibbles: one 16-bit shift (x86 has no 8-bit one), one mask
             packed = codes[row, T.Ramp(g * 16, 1, 16)]
             high = T.reinterpret("uint8x16", T.shift_right(T.reinterpret("uint16x8", packed),
@@ -129,51 +134,70 @@ def int8_gemv(n: int, k: int, bits: int):
         pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", unsigned, signed)
         return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
 
+    def block_scale(scale, r, g):
+        """The 8 lanes' float scales of block g: one scale, or (group 16) one per half."""
+        if per_block == 1:
+            return T.Broadcast(scale[r * groups + g], 8)
+        return T.Shuffle([T.Broadcast(scale[r * groups + 2 * g], 4), T.Broadcast(scale[r * groups + 2 * g + 1], 4)],
+                         IDX32[:8])
+
+    def group_offset(scales, mins, row, h, lanes: int):
+        """What weight groups add per unit of their activation sums, as float32 (x `lanes`): their minimums,
+        or -8 scales for 4-bit codes without minimums (Q4_0's q - 8)."""
+        dtype = "float32" if lanes == 1 else f"float32x{lanes}"
+        if has_mins:
+            return T.Cast(dtype, mins[row, h])
+        minus_eight = T.float32(-8) if lanes == 1 else T.Broadcast(T.float32(-8), lanes)
+        return T.Cast(dtype, scales[row, h]) * minus_eight
+
     @T.macro
     def gemv(x, codes, scales, mins, bias, res, y, m):
         xq = T.alloc_buffer((m, k), "int8")
-        xd = T.alloc_buffer((m, groups), "float32")
-        xs = T.alloc_buffer((m, groups), "float32")
+        xd = T.alloc_buffer((m, groups), "float32")  # the activation scale of the block holding each weight group
+        xs = T.alloc_buffer((m, groups), "float32")  # that scale times the group's sum of int8 activations
         stats = T.alloc_buffer((2,), "float32")
         for i in range(m):
-            for g in range(groups):
+            for g in range(blocks):
                 stats[0] = T.float32(0)
                 for j in range(GROUP):
                     stats[0] = T.max(stats[0], T.abs(x[i, g * GROUP + j]))
-                xd[i, g] = stats[0] / T.float32(127)
-                stats[1] = T.float32(0)
-                for j in range(GROUP):
-                    xq[i, g * GROUP + j] = T.Cast("int8", T.round(x[i, g * GROUP + j] * T.if_then_else(
-                        stats[0] > T.float32(0), T.float32(127) / stats[0], T.float32(0))))
-                    stats[1] = stats[1] + T.Cast("float32", xq[i, g * GROUP + j])
-                xs[i, g] = xd[i, g] * stats[1]
+                for part in range(per_block):
+                    xd[i, g * per_block + part] = stats[0] / T.float32(127)
+                for part in range(per_block):
+                    stats[1] = T.float32(0)
+                    for j in range(group):
+                        xq[i, g * GROUP + part * group + j] = T.Cast("int8", T.round(
+                            x[i, g * GROUP + part * group + j] * T.if_then_else(
+                                stats[0] > T.float32(0), T.float32(127) / stats[0], T.float32(0))))
+                        stats[1] = stats[1] + T.Cast("float32", xq[i, g * GROUP + part * group + j])
+                    xs[i, g * per_block + part] = xd[i, g * per_block + part] * stats[1]
         for nb in T.parallel(n // rows):
             acc = T.alloc_buffer((rows * 8,), "float32")
             offset = T.alloc_buffer((rows * 8,), "float32")
             scale = T.alloc_buffer((rows * groups,), "float32")
             for i in range(m):
-                # Per row and group: the weight scale times the activation scale, and the minimums' share
-                # (min . activation sums), computed 8 groups at a time before the integer dot products.
+                # Per row and weight group: the weight scale times the activation scale, and the minimums' share
+                # (minimum . activation sums), computed 8 groups at a time before the integer dot products.
                 for r in T.unroll(rows):
                     acc[T.Ramp(r * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
                     offset[T.Ramp(r * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
                     for c in range(groups // 8):
                         scale[T.Ramp(r * groups + c * 8, 1, 8)] = \
                             T.Cast("float32x8", scales[nb * rows + r, T.Ramp(c * 8, 1, 8)]) * xd[i, T.Ramp(c * 8, 1, 8)]
-                        if bits == 4:
+                        if has_mins or bits == 4:
                             offset[T.Ramp(r * 8, 1, 8)] = offset[T.Ramp(r * 8, 1, 8)] + \
-                                T.Cast("float32x8", mins[nb * rows + r, T.Ramp(c * 8, 1, 8)]) * xs[i, T.Ramp(c * 8, 1, 8)]
-                    for g in range(groups - groups % 8, groups):
-                        scale[r * groups + g] = T.Cast("float32", scales[nb * rows + r, g]) * xd[i, g]
-                        if bits == 4:
-                            offset[r * 8] = offset[r * 8] + T.Cast("float32", mins[nb * rows + r, g]) * xs[i, g]
-                for g in range(groups):
+                                group_offset(scales, mins, nb * rows + r, T.Ramp(c * 8, 1, 8), 8) * \
+                                xs[i, T.Ramp(c * 8, 1, 8)]
+                    for h in range(groups - groups % 8, groups):
+                        scale[r * groups + h] = T.Cast("float32", scales[nb * rows + r, h]) * xd[i, h]
+                        if has_mins or bits == 4:
+                            offset[r * 8] = offset[r * 8] + group_offset(scales, mins, nb * rows + r, h, 1) * xs[i, h]
+                for g in range(blocks):
                     for r in T.unroll(rows):
                         T.evaluate(prefetch(codes, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1),
                                             g * (GROUP // 2 if bits == 4 else GROUP)))
                         acc[T.Ramp(r * 8, 1, 8)] = acc[T.Ramp(r * 8, 1, 8)] + \
-                            T.Cast("float32x8", group_dot(codes, xq, nb * rows + r, i, g)) * \
-                            T.Broadcast(scale[r * groups + g], 8)
+                            T.Cast("float32x8", group_dot(codes, xq, nb * rows + r, i, g)) * block_scale(scale, r, g)
                 for r in T.unroll(rows):
                     y[i, nb * rows + r] = epilogue(lane_sum(offset, r * 8, 8) + lane_sum(acc, r * 8, 8), bias, res, i,
                                                    nb * rows + r)
