@@ -1,6 +1,6 @@
 """GGUF files as they come: llmc (`--quant auto`, each tensor in the file's own format) against
 llama.cpp on the very same files, SmolLM2-135M-Instruct in Q4_1 (the bundled file) and, re-encoded
-by llama.cpp's quantizer, Q4_K_M, Q6_K and Q8_0. 2 threads, short and 278-token prompts.
+by llama.cpp's quantizer, Q4_K_M, Q6_K, Q8_0 and F16. 2 threads, short and 278-token prompts.
 
     python benchmarks/bench_gguf.py [--runs 3] [--new-tokens 128] [--out benchmarks/out]
 
@@ -24,7 +24,7 @@ from machine import describe_machine  # noqa: E402
 from perplexity import llama_cpp_logits, llmc_logits, perplexity  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-FILE_TYPES = ("Q4_1", "Q4_K_M", "Q6_K", "Q8_0")
+FILE_TYPES = ("Q4_1", "Q4_K_M", "Q6_K", "Q8_0", "F16")
 
 
 def gguf_file(file_type: str, out: Path) -> Path:

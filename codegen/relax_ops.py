@@ -150,7 +150,7 @@ def _matmul_te(x, weight, bias, residual, name: str):
     """x (..., K) times weight (N, K) transposed, plus bias (N) and residual (..., N) when given, in TE."""
     k = te.reduce_axis((0, weight.shape[1]), name="k")
     product = te.compute(tuple(x.shape[:-1]) + (weight.shape[0],),
-                         lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k], axis=k), name=name)
+                         lambda *i: te.sum(x[i[:-1] + (k,)] * weight[i[-1], k].astype(x.dtype), axis=k), name=name)
     if bias is None and residual is None:
         return product
 

@@ -1,4 +1,4 @@
-"""The quantized tensors of a GGUF file as the file stores them, for `--quant auto`.
+"""The quantized (and float16) tensors of a GGUF file as the file stores them, for `--quant auto`.
 
 transformers loads a GGUF by dequantizing every tensor to float; that float model is
 what llmc exports and imports, so the graph path stays the one path. This module reads
@@ -24,14 +24,15 @@ import numpy as np
 from llmc.ir import LlmcError
 from llmc.ir.ggml_formats import FORMATS
 from llmc.ir.quant_formats import Quantized, dequantize
-from llmc.passes.quantize import SourceWeight
+from llmc.passes.quantize import F16, SourceWeight
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
-    """Parameter name -> the file's blocks of that weight, for every quantized 2-D tensor of the GGUF at `path`
-    that the model uses. A tensor in a quantized format llmc does not read is an error naming it."""
+    """Parameter name -> the file's blocks of that weight (or its float16 values), for every quantized or F16
+    2-D tensor of the GGUF at `path` that the model uses. A tensor in a quantized format llmc does not read is
+    an error naming it. BF16 tensors are left to their float32 form."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, read_field)
@@ -53,21 +54,25 @@ def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
     sources: dict[str, SourceWeight] = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
-        if kind in FLOAT_TYPES or len(tensor.shape) != 2:
+        if kind in ("F32", "BF16") or len(tensor.shape) != 2:
             continue
         cols, rows = (int(n) for n in tensor.shape)
         found = _row_order(processor, tensor.name, rows, names, config)
         if found is None:
             continue
         name, order = found
-        q = FORMATS[kind].to_quantized(np.asarray(tensor.data), cols)
-        q = Quantized(q.codes[order], q.scales[order], None if q.mins is None else q.mins[order])
-        expected = parameters[name].detach().numpy()
-        if not np.array_equal(dequantize(q.codes, q.scales, q.mins, q.bits), expected):
+        if kind == F16:
+            data = np.asarray(tensor.data).reshape(rows, cols)[order]
+            values = data.astype(np.float32)
+        else:
+            q = FORMATS[kind].to_quantized(np.asarray(tensor.data), cols)
+            data = Quantized(q.codes[order], q.scales[order], None if q.mins is None else q.mins[order])
+            values = dequantize(data.codes, data.scales, data.mins, data.bits)
+        if not np.array_equal(values, parameters[name].detach().numpy()):
             raise LlmcError(f"llmc's reading of {tensor.name} ({kind}) in {path} differs from the weights "
                             f"transformers loaded for {name}; this is a defect in llmc, please report it")
         for alias in aliases[name]:
-            sources[alias] = SourceWeight(kind, q)
+            sources[alias] = SourceWeight(kind, data)
     return sources
 
 

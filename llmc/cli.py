@@ -58,7 +58,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
             target: str = typer.Option("cpu", "--target", "-t", help="comma-separated targets"),
             quant: str = typer.Option("auto", "--quant",
                                       help="weight format of the layers: auto (the checkpoint's own: a GGUF keeps "
-                                           "each tensor's format), f32, q8 or q4"),
+                                           "each tensor's format, 16-bit weights stay 16-bit), f32, f16, q8 or q4"),
             quant_head: Optional[str] = typer.Option(None, "--quant-head",
                                                      help="weight format of the output head (default: q8 when "
                                                           "--quant is q8 or q4, else as --quant)"),

@@ -64,7 +64,7 @@ def describe(module: Module, full_ir: bool = False) -> str:
     return "\n".join(lines)
 
 
-QUANTIZED_PARTS = (".codes", ".scales", ".mins")
+STORAGE_SUFFIXES = (".codes", ".scales", ".mins", ".f16")  # the arrays that hold a weight in its format
 
 
 def weight_formats(module: Module) -> dict[str, str]:
@@ -72,6 +72,6 @@ def weight_formats(module: Module) -> dict[str, str]:
     checkpoint names), the others as their dtype."""
     formats = dict(module.metadata.get("quantization", {}).get("formats", {}))
     for name, param in module.param_types().items():
-        if not name.endswith(QUANTIZED_PARTS):
+        if not name.endswith(STORAGE_SUFFIXES):
             formats[name] = param.dtype
     return formats

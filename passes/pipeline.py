@@ -18,8 +18,8 @@ from .quantize import FORMATS, SourceWeight, quantize_module
 @dataclass(frozen=True)
 class PassOptions:
     """What the user asked for at compile time: the weight format of the layers (auto: the
-    checkpoint's own; or f32, q8, q4) and of the output head (by default the layers' choice for
-    auto and f32, and q8 when the layers are q8 or q4, as llama.cpp does)."""
+    checkpoint's own; or f32, f16, q8, q4) and of the output head (by default the layers' choice,
+    but q8 when the layers are q8 or q4, as llama.cpp does)."""
 
     quantization: str = "auto"
     head_quantization: str | None = None
@@ -33,7 +33,7 @@ class PassOptions:
     def head(self) -> str:
         if self.head_quantization is not None:
             return self.head_quantization
-        return self.quantization if self.quantization in ("auto", "f32") else "q8"
+        return self.quantization if self.quantization in ("auto", "f32", "f16") else "q8"
 
 
 def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = None

@@ -1,11 +1,11 @@
 """Weight formats: `linear` becomes `quantized_linear`, and an embedding lookup `quantized_take`,
-on grouped quantized weights (ir/quant_formats.py).
+on grouped quantized weights (ir/quant_formats.py), or keeps its op on a float16 weight.
 
 - auto (the default) keeps the checkpoint's formats: each weight that came as GGUF blocks
   runs in its own format (the file's codes and scales, read without loss by
   ir/ggml_formats.py; a Q4_K_M file keeps its Q4_K, Q5_0, Q6_K and Q8_0 tensors apart),
-  and float weights stay float.
-- q4 and q8 convert float weights to llmc's Q4_1 or Q8_0; f32 keeps them float.
+  16-bit weights stay 16-bit (F16) and float32 ones float32.
+- q4 and q8 convert float weights to llmc's Q4_1 or Q8_0, f16 to float16; f32 keeps them.
 The output head may take its own choice (by default 8-bit when the layers are q4 or q8, as
 llama.cpp's Q4 files keep it, since logits are the most sensitive matmul). When the
 embedding table is the head's weight (tied embeddings), lookups read the quantized head,
@@ -18,20 +18,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
+
 from llmc.ir import PARAM, GraphBuilder, Module, Node, TensorType
 from llmc.ir.quant_formats import GROUP, Quantized, quantize
 
 from .rewrite import Rule, op, rewrite, var
 
-FORMATS = {"auto": None, "q4": 4, "q8": 8, "f32": None}
+FORMATS = {"auto": None, "q4": 4, "q8": 8, "f16": 16, "f32": None}
+F16 = "F16"
 
 
 @dataclass(frozen=True)
 class SourceWeight:
-    """A weight as the checkpoint stores it: its format's name (a GGUF type) and its IR form."""
+    """A weight as the checkpoint stores it: its format's name (a GGUF type, or F16) and its IR form
+    (a grouped quantized weight, or a float16 array)."""
 
     format: str
-    quantized: Quantized
+    data: Quantized | np.ndarray
 
 
 def _weight(node: Node) -> str | None:
@@ -43,55 +47,67 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
     vocab = {g.outputs[0].type.shape[-1] for g in module.functions.values()}
     sources = sources or {}
     weights = dict(module.weights)
-    made: dict[str, tuple[str, str, str | None, int]] = {}
+    made: dict[str, tuple[list[str], int | None]] = {}
     formats: dict[str, str] = {}
 
-    def chosen(name: str) -> tuple[str, Quantized] | None:
-        """The format `name` gets, and its IR form, or None to keep it float."""
+    def chosen(name: str) -> tuple[str, Quantized | np.ndarray] | None:
+        """The format `name` gets, and its IR form, or None to keep it as it is."""
         weight = module.weights[name]
         choice = head if weight.shape[0] in vocab else layers
         if choice == "auto":
             source = sources.get(name)
-            return (source.format, source.quantized) if source else None
-        if choice == "f32" or weight.ndim != 2 or weight.shape[1] % GROUP or weight.dtype.name != "float32":
+            return (source.format, source.data) if source else None
+        if choice == "f32" or weight.ndim != 2 or weight.dtype.name != "float32":
             return None
-        return choice, quantize(weight, FORMATS[choice])
+        if choice == "f16":
+            return F16, weight.astype(np.float16)
+        return (choice, quantize(weight, FORMATS[choice])) if weight.shape[1] % GROUP == 0 else None
 
-    def quantized(builder: GraphBuilder, name: str) -> tuple[list[Node | None], int] | None:
+    def stored(builder: GraphBuilder, name: str) -> tuple[list[Node | None], int | None] | None:
+        """The parameters holding `name` in its chosen format, and the code bits (None for float16)."""
         if name not in made:
             form = chosen(name)
             if form is None:
                 return None
-            formats[name], q = form
-            names = (f"{name}.codes", f"{name}.scales", f"{name}.mins" if q.mins is not None else None)
-            for key, array in zip(names, (q.codes, q.scales, q.mins)):
-                if key is not None:
-                    weights[key] = array
-            made[name] = (*names, q.bits)
-        *names, bits = made[name]
-        return [builder.param(n, TensorType(tuple(weights[n].shape), weights[n].dtype.name)) if n else None
-                for n in names], bits
+            formats[name], data = form
+            if isinstance(data, np.ndarray):
+                arrays = {f"{name}.f16": data}
+            else:
+                arrays = {f"{name}.codes": data.codes, f"{name}.scales": data.scales}
+                arrays.update({f"{name}.mins": data.mins} if data.mins is not None else {})
+            weights.update(arrays)
+            made[name] = (list(arrays), None if isinstance(data, np.ndarray) else data.bits)
+        names, bits = made[name]
+        params = [builder.param(n, TensorType(tuple(weights[n].shape), weights[n].dtype.name)) for n in names]
+        return (params + [None] * (3 - len(params)) if bits else params), bits
 
     def on_linear(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
         node = m["linear"]
         name = _weight(node.inputs[1])
-        arrays = quantized(builder, name) if name else None
-        if arrays is None:
+        found = stored(builder, name) if name else None
+        if found is None:
             return None
-        x, _, bias, residual = node.inputs
-        return builder.op("quantized_linear", [x, *arrays[0], bias, residual], {"bits": arrays[1]},
+        (params, bits), (x, _, bias, residual) = found, node.inputs
+        if bits is None:
+            return builder.op("linear", [x, params[0], bias, residual], name=node.name, source=node.source)
+        return builder.op("quantized_linear", [x, *params, bias, residual], {"bits": bits},
                           name=node.name, source=node.source)
 
     def on_take(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
         node = m["take"]
         name = _weight(node.inputs[0])
-        # llmc's own formats quantize a table only for the head it also is; a checkpoint's format is kept.
+        # llmc's own formats change a table only for the head it also is; a checkpoint's format is kept.
         if name is None or node.attrs["axis"] != 0 or (name not in made and name not in sources):
             return None
-        arrays = quantized(builder, name)
-        if arrays is None:
+        found = stored(builder, name)
+        if found is None:
             return None
-        return builder.op("quantized_take", [*arrays[0], node.inputs[1]], {"bits": arrays[1]},
+        params, bits = found
+        if bits is None:
+            rows = builder.op("take", [params[0], node.inputs[1]], {"axis": 0}, name=node.name + "_f16",
+                              source=node.source)
+            return builder.op("cast", [rows], {"dtype": "float32"}, name=node.name, source=node.source)
+        return builder.op("quantized_take", [*params, node.inputs[1]], {"bits": bits},
                           name=node.name, source=node.source)
 
     linear_rule = Rule("quantize linear", op("linear", var(), var(), name="linear"), on_linear)

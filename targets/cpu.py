@@ -36,10 +36,11 @@ class CpuTarget(Target):
     def kernel(self, node: Node) -> Kernel | None:
         if node.op == "linear" and node.type.dtype == "float32":
             n, k = node.inputs[1].type.shape
+            weight = node.inputs[1].type.dtype
             has_bias, has_residual = node.inputs[2] is not None, node.inputs[3] is not None
-            if linear.supported(n, k):
-                return Kernel(f"linear_f32_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
-                              linear.linear_f32(n, k, has_bias, has_residual))
+            if linear.supported(n, k) and (weight == "float32" or self._has_f16c()):
+                return Kernel(f"linear_{weight}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
+                              linear.linear_float(n, k, weight, has_bias, has_residual))
         if node.op == "quantized_linear" and self._has_avx2():
             n, k = node.type.shape[-1], node.inputs[0].type.shape[-1]
             bits, scales = node.attrs["bits"], node.inputs[2].type
@@ -54,6 +55,9 @@ class CpuTarget(Target):
 
     def _has_avx2(self) -> bool:
         return bool(llvm_cpu_has_features(["avx2", "fma"], self.tvm_target()))
+
+    def _has_f16c(self) -> bool:
+        return bool(llvm_cpu_has_features(["f16c"], self.tvm_target()))
 
     def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
         if cache.dtype != "float32" or not attention.supported(cache.head_dim):

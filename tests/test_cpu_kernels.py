@@ -11,7 +11,7 @@ from llmc.ir.ggml_formats import FORMATS
 from llmc.ir.quant_formats import Quantized, dequantize, quantize
 from llmc.targets import get_target
 from llmc.targets.cpu_kernels import attention
-from llmc.targets.cpu_kernels.linear import linear_f32, quantized_linear
+from llmc.targets.cpu_kernels.linear import linear_float, quantized_linear
 
 N, K = 96, 512
 # Where each GGUF block format keeps its fp16 numbers (scales, minimums), in bytes from the block's start.
@@ -42,13 +42,15 @@ def random_blocks(name: str, rng: np.random.Generator) -> Quantized:
 
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("has_residual", [False, True])
-@pytest.mark.parametrize("weights", ["f32", "q8", "q4", *FORMATS])
+@pytest.mark.parametrize("weights", ["f32", "f16", "q8", "q4", *FORMATS])
 def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K), dtype=np.float32)
     bias = rng.standard_normal(N, dtype=np.float32)
-    if weights == "f32":
-        kernel, arrays, dense = build(linear_f32(N, K, has_bias, has_residual)), [weight], weight
+    if weights in ("f32", "f16"):
+        stored = weight.astype(np.float16) if weights == "f16" else weight
+        kernel = build(linear_float(N, K, stored.dtype.name, has_bias, has_residual))
+        arrays, dense = [stored], stored.astype(np.float32)
     else:
         q = quantize(weight, int(weights[1])) if weights in ("q4", "q8") else random_blocks(weights, rng)
         group = K // q.scales.shape[1]
@@ -63,7 +65,7 @@ def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
         expected = x @ dense.T + (bias if has_bias else 0) + (residual if has_residual else 0)
         error = np.abs(run(kernel, inputs, (1, rows, N)) - expected).max() / np.abs(expected).max()
         # Quantized decode (few rows) quantizes activations to int8 per group, as llama.cpp does.
-        assert error < (1.5e-2 if weights != "f32" and rows < 8 else 1e-5), (rows, error)
+        assert error < (1.5e-2 if weights not in ("f32", "f16") and rows < 8 else 1e-5), (rows, error)
 
 
 def reference_attention(q, k, v, visible, scale):

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
@@ -80,3 +81,19 @@ def test_inspect_shows_each_tensors_format(smollm2_auto_package):
     assert lines["model.layers.0.mlp.down_proj.weight"] == "Q4_1"
     assert lines["model.embed_tokens.weight"] == "Q8_0"
     assert lines["model.norm.weight"] == "float32"
+
+
+def test_a_float16_file_keeps_float16_weights(gguf_variants, tmp_path):
+    from llmc.compiler import compile_model
+
+    path = gguf_variants("F16")
+    package = compile_model(str(path), tmp_path / "pkg")
+    engine = llmc.load(package)
+    assert set(engine.package.metadata["quantization"]["formats"].values()) == {"F16"}
+    assert (package / "weights.bin").stat().st_size < 300e6  # 538 MB as float32
+    model = load_torch_model(resolve_model(str(path)))
+    for length in (64, 3):  # no activation quantization with float weights: decode matches too
+        ids = np.random.default_rng(length).integers(0, 49152, length)
+        with torch.no_grad():
+            expected = model(torch.tensor(ids[None])).logits.numpy()[0]
+        assert np.abs(engine.forward(ids) - expected).max() / np.abs(expected).max() <= 1e-4

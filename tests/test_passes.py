@@ -204,7 +204,7 @@ def test_auto_keeps_each_source_format_and_concatenates_only_alike_weights():
                                          quantize(weight, 8 if "v_proj" in name else 4))
     dequantized = dict(module.weights)
     for name, source in sources.items():
-        q = source.quantized
+        q = source.data
         dequantized[name] = dequantize(q.codes, q.scales, q.mins, q.bits)
     ids = {"input_ids": np.random.default_rng(9).integers(0, 512, (1, 6))}
     expected = _logits(Module(module.functions, dequantized, module.metadata), ids)

@@ -100,6 +100,18 @@ def test_vulkan_gives_the_cpu_logits_and_greedy_tokens(package, name):
 
 
 @needs_vulkan
+def test_vulkan_f16_weights_give_the_cpu_logits_and_greedy_tokens(package):
+    """float16 weights (`--quant f16`, as a 16-bit checkpoint keeps them): no activation quantization on
+    either device, so decode matches too."""
+    cpu, vulkan = llmc.load(package("llama_gqa_tied", "f16")), llmc.load(package("llama_gqa_tied", "f16"),
+                                                                         device="vulkan")
+    prompt = _prompt(7, 9)
+    assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert vulkan.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids
+
+
+@needs_vulkan
 def test_vulkan_q4_gives_the_exact_logits_and_greedy_tokens(package):
     cpu, vulkan = llmc.load(package("llama_gqa_untied", "q4")), llmc.load(package("llama_gqa_untied", "q4"),
                                                                           device="vulkan")

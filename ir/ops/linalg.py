@@ -31,12 +31,17 @@ define("matmul", ("a", "b"), _matmul_infer,
        "Batched matrix product a @ b with broadcast batch axes.")
 
 
+# Weights stored narrower than the float32 activations they multiply (the checkpoint's 16 bits, kept).
+WEIGHT_ONLY_DTYPES = ("float16",)
+
+
 def _linear_infer(types, attrs):
     x = rules.tensor(types[0], "linear")
     w = rules.tensor(types[1], "linear", "weight")
     if w.rank != 2 or x.rank < 1 or not D.equal(x.shape[-1], w.shape[1]):
         raise IRError(f"op linear: input {x} does not fit weight {w} (out_features, in_features)")
-    rules.same_dtype("linear", [x, w])
+    if w.dtype != x.dtype and not (x.dtype == "float32" and w.dtype in WEIGHT_ONLY_DTYPES):
+        raise IRError(f"op linear: weight {w} must have the input's dtype, or be 16-bit for a float32 input")
     if types[2] is not None:
         bias = rules.tensor(types[2], "linear", "bias")
         if bias.rank != 1 or not D.equal(bias.shape[0], w.shape[0]) or bias.dtype != x.dtype:
@@ -59,4 +64,5 @@ def _linear_reference(values, attrs, out_shape):
 
 define("linear", ("x", "weight", "bias?", "residual?"), _linear_infer, _linear_reference,
        "x @ weight.T + bias + residual, weight stored (out_features, in_features) as in PyTorch; the residual "
-       "(a tensor of the output's shape) lets a following add run in the same pass.")
+       "(a tensor of the output's shape) lets a following add run in the same pass. A float32 input may take a "
+       "float16 weight (computed as its exact float32 value).")

@@ -1,4 +1,4 @@
-"""CPU kernels for `linear` (float weights) and `quantized_linear` (grouped 4/8-bit weights of every
+"""CPU kernels for `linear` (float32 or float16 weights) and `quantized_linear` (grouped 4/8-bit weights of every
 form ir/quant_formats.py allows).
 
 One kernel per weight shape serves decode and prefill: it branches at run time on the
@@ -26,15 +26,17 @@ def supported(n: int, k: int, quantized: bool = False) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
-    gemv = matmul.gemv_f32(n, k)
+def linear_float(n: int, k: int, weight_dtype: str, has_bias: bool, has_residual: bool):
+    """`linear` on float32 activations and an (n, k) float32 or float16 weight (converted as it is read:
+    F16C's vcvtph2ps on x86)."""
+    gemv = matmul.gemv_float(n, k)
     NR = matmul.panel_width(n)
 
     @T.macro
     def copy_panel(panel, first, weights):
         for j in range(NR):
             for kk in range(k):
-                panel[kk * NR + j] = weights[first + j, kk]
+                panel[kk * NR + j] = T.Cast("float32", weights[first + j, kk])
 
     gemm = matmul.gemm_panels(n, k, copy_panel)
 
@@ -46,7 +48,7 @@ def linear_f32(n: int, k: int, has_bias: bool, has_residual: bool):
             gemm(x, w, bias if has_bias else None, res, y, m)
 
     @T.prim_func
-    def linear(var_x: T.handle, w: T.Buffer((n, k), "float32"), bias: T.Buffer((n,), "float32"),
+    def linear(var_x: T.handle, w: T.Buffer((n, k), weight_dtype), bias: T.Buffer((n,), "float32"),
                var_res: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         batch, seq = T.int64(), T.int64()

@@ -1,6 +1,6 @@
 """Loop nests shared by the CPU matmul kernels (float and quantized weights), as TVMScript macros.
 
-- `gemv_f32`: few rows (decode); each parallel task takes ROWS_PER_TASK weight rows and
+- `gemv_float`: few rows (decode); each parallel task takes ROWS_PER_TASK weight rows and
   keeps 16-lane accumulators over K in registers, so W streams from memory once per call.
 - `gemm_panels`: many rows (prefill); each parallel task fills an NR-column panel of W
   (transposed, float: copied or dequantized, the on-the-fly packing BLAS does) and runs
@@ -52,7 +52,8 @@ def epilogue(value, bias, res, row, col):
     return value
 
 
-def gemv_f32(n: int, k: int):
+def gemv_float(n: int, k: int):
+    """Few rows times a float32 or float16 weight (each 16-lane load converted to float32)."""
     rows = ROWS_PER_TASK
 
     @T.macro
@@ -66,7 +67,8 @@ def gemv_f32(n: int, k: int):
                     for r in T.unroll(rows):
                         T.evaluate(prefetch(w, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1), kl * LANES))
                         acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + \
-                            w[nb * rows + r, T.Ramp(kl * LANES, 1, LANES)] * x[i, T.Ramp(kl * LANES, 1, LANES)]
+                            T.Cast(f"float32x{LANES}", w[nb * rows + r, T.Ramp(kl * LANES, 1, LANES)]) * \
+                            x[i, T.Ramp(kl * LANES, 1, LANES)]
                 for r in T.unroll(rows):
                     y[i, nb * rows + r] = epilogue(lane_sum(acc, r * LANES), bias, res, i, nb * rows + r)
     return gemv
