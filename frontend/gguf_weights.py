@@ -43,9 +43,10 @@ def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
     if unknown:
         listed = ", ".join(f"{name} ({kind})" for name, kind in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise LlmcError(f"{path} stores tensors in formats llmc does not read: {listed}{more}. llmc reads "
-                        f"{', '.join(FORMATS)} and {', '.join(FLOAT_TYPES)} as they are; --quant f32, q8 or q4 "
-                        "converts the dequantized weights instead")
+        raise LlmcError(f"{path} stores tensors in formats llmc does not read: {listed}{more}. llmc keeps "
+                        f"{', '.join(FORMATS)} and F16 tensors as they are (BF16 as float32); to convert the "
+                        "dequantized weights instead, compile with `llmc compile MODEL --quant f32` (or f16, q8, "
+                        "q4) and run the package")
     config = model.config.to_dict()
     processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(config=config)
     names = get_gguf_hf_weights_map(model, processor)

@@ -14,7 +14,7 @@ from llmc.threads import set_default_threads
 set_default_threads()
 
 
-def compile(model, output, targets=("cpu",), quantization: str = "f32"):  # noqa: A001  (the public verb)
+def compile(model, output, targets=("cpu",), quantization: str = "auto"):  # noqa: A001  (the public verb)
     from llmc.requirements import require_compiler
 
     require_compiler("llmc.compile")

@@ -50,10 +50,11 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
     made: dict[str, tuple[list[str], int | None]] = {}
     formats: dict[str, str] = {}
 
-    def chosen(name: str) -> tuple[str, Quantized | np.ndarray] | None:
-        """The format `name` gets, and its IR form, or None to keep it as it is."""
+    def chosen(name: str, table_only: bool = False) -> tuple[str, Quantized | np.ndarray] | None:
+        """The format `name` gets, and its IR form, or None to keep it as it is. A table read only by lookups
+        (an untied embedding) is no head: it keeps the checkpoint's form."""
         weight = module.weights[name]
-        choice = head if weight.shape[0] in vocab else layers
+        choice = "auto" if table_only else head if weight.shape[0] in vocab else layers
         if choice == "auto":
             source = sources.get(name)
             return (source.format, source.data) if source else None
@@ -63,10 +64,11 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
             return F16, weight.astype(np.float16)
         return (choice, quantize(weight, FORMATS[choice])) if weight.shape[1] % GROUP == 0 else None
 
-    def stored(builder: GraphBuilder, name: str) -> tuple[list[Node | None], int | None] | None:
+    def stored(builder: GraphBuilder, name: str, table_only: bool = False
+               ) -> tuple[list[Node | None], int | None] | None:
         """The parameters holding `name` in its chosen format, and the code bits (None for float16)."""
         if name not in made:
-            form = chosen(name)
+            form = chosen(name, table_only)
             if form is None:
                 return None
             formats[name], data = form
@@ -99,7 +101,7 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
         # llmc's own formats change a table only for the head it also is; a checkpoint's format is kept.
         if name is None or node.attrs["axis"] != 0 or (name not in made and name not in sources):
             return None
-        found = stored(builder, name)
+        found = stored(builder, name, table_only=name not in made)
         if found is None:
             return None
         params, bits = found

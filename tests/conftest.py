@@ -78,6 +78,8 @@ def smollm2_auto_package(llmc_cache_dir):
 @pytest.fixture(scope="session")
 def gguf_variants(tmp_path_factory):
     """file type (Q4_K_M, Q6_K, ...) -> SmolLM2 re-encoded by llama.cpp's quantizer (written on first use)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (../shared/wheels, installed by .ci/run) writes the "
+                                            "GGUF files in llama.cpp's formats")
     from gguf_variants import requantized_gguf
 
     folder = tmp_path_factory.mktemp("gguf-variants")
