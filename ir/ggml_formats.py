@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from .quant_formats import Quantized, pack_nibbles
+from .quant_formats import Quantized, pack_nibbles, unpack_nibbles
 
 SUPER_BLOCK = 256
 
@@ -35,7 +35,6 @@ SUPER_BLOCK = 256
 @dataclass(frozen=True)
 class BlockFormat:
     name: str
-    ggml_type: int
     block: int
     block_bytes: int
     # (N, blocks, block_bytes) uint8 -> the IR's form
@@ -59,11 +58,6 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(array.shape[0], -1)
 
 
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """Blocks of 16 bytes -> 32 codes: the low nibbles are inputs 0..15, the high ones 16..31."""
-    return np.concatenate([packed & 15, packed >> 4], axis=-1)
-
-
 def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
     """The 32 high bits of a Q5_0 / Q5_1 block (a little-endian uint32 at `start`), as 0 or 16 per input."""
     word = np.ascontiguousarray(blocks[..., start:start + 4]).view("<u4")
@@ -79,13 +73,13 @@ def _q4_1(blocks: np.ndarray) -> Quantized:
 
 
 def _q5_0(blocks: np.ndarray) -> Quantized:
-    codes = (_nibbles(blocks[..., 6:]) | _fifth_bits(blocks, 2)).astype(np.int8) - np.int8(16)
-    return Quantized(_rows(codes), _half(blocks, 0), None)
+    codes = (unpack_nibbles(_rows(blocks[..., 6:])) | _rows(_fifth_bits(blocks, 2))).astype(np.int8) - np.int8(16)
+    return Quantized(codes, _half(blocks, 0), None)
 
 
 def _q5_1(blocks: np.ndarray) -> Quantized:
-    codes = (_nibbles(blocks[..., 8:]) | _fifth_bits(blocks, 4)).astype(np.int8)
-    return Quantized(_rows(codes), _half(blocks, 0), _half(blocks, 2))
+    codes = (unpack_nibbles(_rows(blocks[..., 8:])) | _rows(_fifth_bits(blocks, 4))).astype(np.int8)
+    return Quantized(codes, _half(blocks, 0), _half(blocks, 2))
 
 
 def _q8_0(blocks: np.ndarray) -> Quantized:
@@ -140,12 +134,12 @@ def _q6_k(blocks: np.ndarray) -> Quantized:
 
 
 FORMATS = {f.name: f for f in (
-    BlockFormat("Q4_0", 2, 32, 18, _q4_0),
-    BlockFormat("Q4_1", 3, 32, 20, _q4_1),
-    BlockFormat("Q5_0", 6, 32, 22, _q5_0),
-    BlockFormat("Q5_1", 7, 32, 24, _q5_1),
-    BlockFormat("Q8_0", 8, 32, 34, _q8_0),
-    BlockFormat("Q4_K", 12, SUPER_BLOCK, 144, _q4_k),
-    BlockFormat("Q5_K", 13, SUPER_BLOCK, 176, _q5_k),
-    BlockFormat("Q6_K", 14, SUPER_BLOCK, 210, _q6_k),
+    BlockFormat("Q4_0", 32, 18, _q4_0),
+    BlockFormat("Q4_1", 32, 20, _q4_1),
+    BlockFormat("Q5_0", 32, 22, _q5_0),
+    BlockFormat("Q5_1", 32, 24, _q5_1),
+    BlockFormat("Q8_0", 32, 34, _q8_0),
+    BlockFormat("Q4_K", SUPER_BLOCK, 144, _q4_k),
+    BlockFormat("Q5_K", SUPER_BLOCK, 176, _q5_k),
+    BlockFormat("Q6_K", SUPER_BLOCK, 210, _q6_k),
 )}
