@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the engines run from /, away from the checkout
     args.out.mkdir(parents=True, exist_ok=True)
     engines = commands(args)
     samples: dict[str, list[dict]] = {name: [] for name in engines}

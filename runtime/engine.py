@@ -30,7 +30,8 @@ class Engine:
         self.package = Package.open(path)
         info = self.package.metadata.get("tokenizer") or {}
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
-        # The tokenizer before the weights: its parse buffers are freed before the weights are mapped.
+        # The weights' checksum runs on the other core while the tokenizer loads.
+        self.package.map_weights()
         self.tokenizer = (Tokenizer(self._tokenizer_file(info.get("file", TOKENIZER_FILE)), info.get("bos_token_id"),
                                     self.eos_ids) if info else None)
         template = info.get("chat_template")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -96,10 +97,37 @@ def incomplete_package(path: Path) -> str | None:
             "into it did not finish). Compile the model again.")
 
 
+class _MappedWeights:
+    """`weights.bin` mapped (privately: see `Package.weights`) with its pages in place, and its checksum
+    being computed on another thread, since xxHash releases the GIL for the whole file."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            self.mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else bytearray()
+        if size:
+            try:
+                self.mapping.madvise(_MADV_POPULATE_READ)
+            except OSError:  # kernels before 5.14: the pages are mapped as they are first read
+                pass
+        self._digest = ""
+        self._thread = threading.Thread(target=self._compute_digest, name="weights checksum", daemon=True)
+        self._thread.start()
+
+    def _compute_digest(self) -> None:
+        self._digest = digest(memoryview(self.mapping))
+
+    def digest(self) -> str:
+        self._thread.join()
+        return self._digest
+
+
 @dataclass
 class Package:
     path: Path
     metadata: dict[str, Any]
+    _mapped_weights: _MappedWeights | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "Package":
@@ -171,21 +199,20 @@ class Package:
             paths.append(installed if same else packaged)
         return paths
 
+    def map_weights(self) -> None:
+        """Map `weights.bin` and begin checking it on another thread (while, say, the tokenizer loads);
+        `weights()` waits for the outcome."""
+        if self._mapped_weights is None:
+            self._mapped_weights = _MappedWeights(self.path / WEIGHTS_FILE)
+
     def weights(self) -> Iterator[np.ndarray]:
         """The weights in the order the entry points take them, as arrays over a private map of
-        `weights.bin` (checked first): the file's pages stay shared with the page cache unless
+        `weights.bin`, checked first: the file's pages stay shared with the page cache unless
         written, which no kernel does, and DLPack (which has no read-only tensors) can take them."""
-        path = self.path / WEIGHTS_FILE
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else bytearray()
-        if size:
-            try:
-                mapping.madvise(_MADV_POPULATE_READ)
-            except OSError:  # kernels before 5.14: the pages are mapped as they are first read
-                pass
-        self._check(WEIGHTS_FILE, digest(memoryview(mapping)))
+        self.map_weights()
+        mapped, self._mapped_weights = self._mapped_weights, None  # the arrays keep the map alive, not the package
+        self._check(WEIGHTS_FILE, mapped.digest())
+        mapping = mapped.mapping
         for entry in self.metadata["weights"]["tensors"]:
             dtype = np.dtype(entry["dtype"])
             array = np.frombuffer(mapping, dtype=dtype, count=entry["nbytes"] // dtype.itemsize, offset=entry["offset"])

@@ -27,14 +27,19 @@ COMPILER_PACKAGES = ("torch", "transformers", "sympy", "onnx", "gguf", "safetens
 COMPILER_MODULES = COMPILER_PACKAGES + ("llmc.ir", "llmc.frontend", "llmc.passes", "llmc.codegen", "llmc.targets",
                                         "llmc.compiler")
 # Runs the llmc command line (first argument `llmc`) or a script, then says on stderr which of
-# COMPILER_MODULES the process imported.
+# COMPILER_MODULES the process imported: at exit, or before `os._exit` (`llmc run` ends that way).
 PROBE = f"""
-import atexit, runpy, sys
+import atexit, os, runpy, sys
 def report():
     names = {COMPILER_MODULES!r}
     print("imported:", sorted(m for m in sys.modules if any(m == n or m.startswith(n + ".") for n in names)),
           file=sys.stderr, flush=True)
 atexit.register(report)
+end_process = os._exit
+def report_and_end(code):
+    report()
+    end_process(code)
+os._exit = report_and_end
 sys.argv.pop(0)
 if sys.argv[0] == "llmc":
     runpy.run_module("llmc.cli", run_name="__main__")

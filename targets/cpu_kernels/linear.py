@@ -34,8 +34,8 @@ def linear_float(n: int, k: int, weight_dtype: str, has_bias: bool, has_residual
 
     @T.macro
     def copy_panel(panel, first, weights):
-        for j in range(NR):
-            for kk in range(k):
+        for kk in range(k):
+            for j in T.unroll(NR):
                 panel[kk * NR + j] = T.Cast("float32", weights[first + j, kk])
 
     gemm = matmul.gemm_panels(n, k, copy_panel)
@@ -81,10 +81,10 @@ def quantized_linear(n: int, k: int, bits: int, group: int, scale_dtype: str, ha
 
     @T.macro
     def dequantize_panel(panel, first, weights):
-        for j in range(NR):
-            for g in range(blocks):
-                if bits == 4:
-                    for b in range(half):
+        for g in range(blocks):
+            if bits == 4:
+                for b in range(half):
+                    for j in T.unroll(NR):
                         byte = weights[0][first + j, g * half + b]
                         panel[(g * matmul.GROUP + b) * NR + j] = value(
                             weights, first + j, T.Cast("float32", T.bitwise_and(byte, T.uint8(15))) - code_offset,
@@ -92,8 +92,9 @@ def quantized_linear(n: int, k: int, bits: int, group: int, scale_dtype: str, ha
                         panel[(g * matmul.GROUP + b + half) * NR + j] = value(
                             weights, first + j, T.Cast("float32", T.shift_right(byte, T.uint8(4))) - code_offset,
                             g * matmul.GROUP + b + half)
-                else:
-                    for b in range(matmul.GROUP):
+            else:
+                for b in range(matmul.GROUP):
+                    for j in T.unroll(NR):
                         panel[(g * matmul.GROUP + b) * NR + j] = value(
                             weights, first + j, T.Cast("float32", weights[0][first + j, g * matmul.GROUP + b]),
                             g * matmul.GROUP + b)
