@@ -30,20 +30,31 @@ def run(kernel, inputs, out_shape):
     return out.numpy()
 
 
-def random_blocks(name: str, rng: np.random.Generator) -> Quantized:
-    """An (N, K) weight in GGUF format `name`: random bytes, with small positive fp16 scales."""
+def random_blocks(name: str, rng: np.random.Generator, k: int) -> Quantized:
+    """An (N, k) weight in GGUF format `name`: random bytes, with small positive fp16 scales."""
     form = FORMATS[name]
-    raw = rng.integers(0, 256, (N, K // form.block, form.block_bytes), dtype=np.uint8)
+    raw = rng.integers(0, 256, (N, k // form.block, form.block_bytes), dtype=np.uint8)
     for start in FP16_FIELDS[name]:
-        scale = rng.uniform(0.001, 0.01, (N, K // form.block)).astype(np.float16)
-        raw[..., start:start + 2] = scale.view(np.uint8).reshape(N, K // form.block, 2)
-    return form.to_quantized(raw, K)
+        scale = rng.uniform(0.001, 0.01, (N, k // form.block)).astype(np.float16)
+        raw[..., start:start + 2] = scale.view(np.uint8).reshape(N, k // form.block, 2)
+    return form.to_quantized(raw, k)
 
 
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("has_residual", [False, True])
 @pytest.mark.parametrize("weights", ["f32", "f16", "q8", "q4", *FORMATS])
 def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
+    check_matmul(weights, has_bias, has_residual, K)
+
+
+@pytest.mark.parametrize("weights", ["q8", "q4", *(name for name, form in FORMATS.items() if form.block == 32)])
+def test_quantized_matmul_kernels_with_leftover_weight_groups(weights):
+    """K = 544: 17 groups of 32 (34 of 16), so the decode kernel's per-group scales and offsets end with
+    groups outside its 8-wide steps, as in SmolLM2's K = 576 layers."""
+    check_matmul(weights, False, False, 544)
+
+
+def check_matmul(weights: str, has_bias: bool, has_residual: bool, K: int) -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K), dtype=np.float32)
     bias = rng.standard_normal(N, dtype=np.float32)
@@ -52,7 +63,7 @@ def test_matmul_kernels_match_numpy(weights, has_bias, has_residual):
         kernel = build(linear_float(N, K, stored.dtype.name, has_bias, has_residual))
         arrays, dense = [stored], stored.astype(np.float32)
     else:
-        q = quantize(weight, int(weights[1])) if weights in ("q4", "q8") else random_blocks(weights, rng)
+        q = quantize(weight, int(weights[1])) if weights in ("q4", "q8") else random_blocks(weights, rng, K)
         group = K // q.scales.shape[1]
         kernel = build(quantized_linear(N, K, q.bits, group, q.scales.dtype.name, q.mins is not None, has_bias,
                                         has_residual))
