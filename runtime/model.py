@@ -9,6 +9,7 @@ executor runs the entry points: TVM's VM for TVM libraries, wgpu for vulkan pack
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ from llmc.errors import LlmcError
 from . import tvm_runtime
 from .devices import open_device
 from .kv_cache import PagedKVCache
-from .package import Package
+from .package import CHECK_WEIGHTS, Package, PackageError
 from .webgpu_model import WebGPUExecutor
 
 # The VM's allocator kinds (TVM's runtime/vm/memory_manager.h).
@@ -68,8 +69,15 @@ class TVMExecutor:
         except Exception as error:  # tvm-ffi raises its own errors for unloadable libraries
             raise LlmcError(f"cannot load the {device_name} library of {package.path}: "
                             f"{str(error).strip().splitlines()[-1]}") from None
-        # On the CPU the tensors are the mapped file itself (each keeps its array, and so the map, alive).
-        self.params = [tvm_runtime.to_device(weight, self.device) for weight in package.weights()]
+        # On the CPU the tensors are the mapped file itself (each keeps its array, and so the map, alive). They
+        # are one tvm-ffi Array, made once: a list would be converted on every call. The library checks their
+        # shapes and dtypes once, here, rather than on each prefill and decode (targets/weight_checks.py).
+        self.params = tvm_runtime.ffi.convert([tvm_runtime.to_device(weight, self.device)
+                                               for weight in package.weights()])
+        try:
+            self.vm[CHECK_WEIGHTS](*self.params)
+        except Exception as error:  # tvm-ffi raises the VM's check failure as its own error type
+            raise PackageError(_weight_mismatch(str(error), package, device_name)) from None
         self.cache = PagedKVCache(self.vm, max_batch_size, max_total_tokens, prefill_chunk,
                                   int(package.metadata["kv_cache"]["page_size"]))
         self._prefill = self.vm["prefill"]
@@ -87,6 +95,17 @@ class TVMExecutor:
         return tvm_runtime.to_numpy(self._prefill(self._tensor(tokens, (1, len(tokens))),
                                                   self._tensor(positions, (len(positions),)),
                                                   self._tensor(rows, (len(rows),)), self.cache.handle, self.params))
+
+
+def _weight_mismatch(message: str, package: Package, device_name: str) -> str:
+    """What the VM's failed weight check (`ErrorContext(... loc=param[i] ... annotation=R.Tensor(...))`) means."""
+    position = re.search(r"loc=param\[(\d+)\]", message)
+    expected = re.search(r"annotation=(R\.Tensor\([^)]*\)[^)]*\))", message)
+    if position is None or expected is None:
+        return f"the weights of {package.path} do not fit its {device_name} library"
+    entry = package.metadata["weights"]["tensors"][int(position.group(1))]
+    return (f"weight {entry['name']} of {package.path} is {entry['dtype']} {tuple(entry['shape'])}, but its "
+            f"{device_name} library takes {expected.group(1)}")
 
 
 # What runs a target's libraries, by the target's `runtime`.

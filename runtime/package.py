@@ -28,10 +28,13 @@ import xxhash
 
 from llmc.errors import LlmcError
 
-PACKAGE_FORMAT = 3
+PACKAGE_FORMAT = 4
 METADATA_FILE = "llmc.json"
 WEIGHTS_FILE = "weights.bin"
 GRAPH_FILE = "graph.json"
+# The entry point of a VM library that checks the weights' shapes and dtypes; the runtime calls it once, at load,
+# and the prefill and decode entry points skip those checks (targets/weight_checks.py).
+CHECK_WEIGHTS = "check_weights"
 METADATA_DIGEST = "metadata_xxh3_128"
 WEIGHT_ALIGNMENT = 64
 # madvise(MADV_POPULATE_READ), Linux 5.14: map every page of the file at once, without copying

@@ -52,10 +52,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    wide = logits.astype(np.float64)
-    shifted = wide - wide.max()
-    return shifted - np.log(np.exp(shifted).sum())
+def log_probability(logits: np.ndarray, token: int) -> float:
+    """log-softmax(logits)[token], without the whole log-softmax: one max, one exp and one sum over the
+    vocabulary in the logits' own float32 (a float64 copy cost 0.3 ms a step for SmolLM2's 49,152 logits;
+    float32's error here is about 1e-6)."""
+    peak = logits.max()
+    return float(logits[token] - peak) - float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
 
 
 class Sampler:
@@ -76,11 +78,10 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, float]:
         """(token, its log-probability under the model) for one row of logits."""
-        logprobs = log_softmax(logits)
         scores = self._penalized(logits, history)
         if self.params.greedy:
             token = int(np.argmax(scores))
-            return token, float(logprobs[token])
+            return token, log_probability(logits, token)
         # Extreme but valid settings (a penalty of 1e-300, say) overflow to infinity: keep the order, drop the inf.
         scores = np.nan_to_num(scores.astype(np.float64) / self.params.temperature, nan=-np.inf,
                                posinf=np.finfo(np.float64).max, neginf=-np.inf)
@@ -97,4 +98,4 @@ class Sampler:
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
         token = int(self.rng.choice(probs.size, p=probs))
-        return token, float(logprobs[token])
+        return token, log_probability(logits, token)

@@ -10,6 +10,8 @@ from tvm import relax
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from .weight_checks import add_weight_check_function, drop_per_call_weight_checks
+
 
 def scheduling_passes(rules: Sequence[ScheduleRule]) -> list[tvm.transform.Pass]:
     """Legalize, fuse and schedule (under a target): Relax calls of scheduled TIR kernels."""
@@ -39,7 +41,9 @@ def relax_pipeline(target: tvm.target.Target, rules: Sequence[ScheduleRule]) -> 
                 relax.transform.KillAfterLastUse(),
                 relax.transform.LowerRuntimeBuiltin(),
                 relax.transform.ComputePrimValue(),
+                add_weight_check_function,
                 relax.transform.VMShapeLower(),
+                drop_per_call_weight_checks,
                 relax.transform.AttachGlobalSymbol(),
             ]
             return tvm.transform.Sequential(passes)(mod)

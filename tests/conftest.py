@@ -3,6 +3,7 @@ compiled packages (one compile per model per test session), the tiny chat packag
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -78,8 +79,10 @@ def smollm2_auto_package(llmc_cache_dir):
 @pytest.fixture(scope="session")
 def gguf_variants(tmp_path_factory):
     """file type (Q4_K_M, Q6_K, ...) -> SmolLM2 re-encoded by llama.cpp's quantizer (written on first use)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python (../shared/wheels, installed by .ci/run) writes the "
-                                            "GGUF files in llama.cpp's formats")
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python (../shared/wheels, installed by .ci/run) writes the GGUF files in llama.cpp's "
+                    "formats")
+    import llama_cpp  # noqa: F401  (an installed but broken wheel fails here rather than skipping)
     from gguf_variants import requantized_gguf
 
     folder = tmp_path_factory.mktemp("gguf-variants")

@@ -4,6 +4,7 @@ and the checks that refuse a damaged or foreign package."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 import llmc
 from llmc.ir import IR_VERSION
-from llmc.runtime.package import METADATA_FILE, WEIGHTS_FILE, Package, PackageError
+from llmc.runtime.package import (METADATA_DIGEST, METADATA_FILE, WEIGHTS_FILE, Package, PackageError,
+                                  sealed_metadata)
 from tiny_models import TINY_MODELS
 
 RTOL = 1e-4
@@ -73,6 +75,43 @@ def test_missing_library_is_refused(package_copy):
     (package_copy / "lib-cpu.so").unlink()
     with pytest.raises(PackageError, match="lib-cpu.so is missing"):
         llmc.load(package_copy)
+
+
+def test_weights_that_do_not_fit_the_library_are_refused_at_load_naming_the_tensor(package_copy):
+    """A sealed weight table that disagrees with the library (as a faulty writer would make one): the library's
+    entry points no longer check the weights on each call, so the check at load must catch it."""
+    meta = json.loads((package_copy / METADATA_FILE).read_text())
+    del meta[METADATA_DIGEST]
+    entry = next(e for e in meta["weights"]["tensors"] if len(set(e["shape"])) == 2)
+    entry["shape"] = entry["shape"][::-1]
+    (package_copy / METADATA_FILE).write_text(sealed_metadata(meta))
+    expected = tuple(entry["shape"][::-1])
+    with pytest.raises(PackageError, match=rf"weight {re.escape(entry['name'])} of .* is {entry['dtype']} "
+                                           rf"\({expected[1]}, {expected[0]}\), but its cpu library takes "
+                                           rf"R\.Tensor\(\({expected[0]}, {expected[1]}\)"):
+        llmc.load(package_copy)
+
+
+def test_decode_checks_only_its_token_inputs_on_each_call(tiny_package):
+    """The weights are checked once, at load: a decode step's VM checks only the tokens and positions."""
+    engine = llmc.load(tiny_package("llama_gqa_tied"))
+    checks: list[str] = []
+
+    def count_checks(func, name, before, result, *args):
+        if before and name.startswith(("vm.builtin.check_", "vm.builtin.match_shape")):
+            checks.append(name)
+        return 0
+
+    def checks_in(new_tokens: int) -> int:
+        checks.clear()
+        engine.model.executor.vm["set_instrument"](count_checks)
+        engine.generate([1, 2, 3], llmc.SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        engine.model.executor.vm["set_instrument"](None)
+        return len(checks)
+
+    per_decode_step = (checks_in(6) - checks_in(2)) / 4
+    # input_ids and positions: a dtype and a shape check each; the logits: a shape check; the weights: none
+    assert per_decode_step == 5
 
 
 def test_unknown_device_is_refused(tiny_package):
