@@ -15,7 +15,7 @@ MODEL = "smollm2-135m"
 
 # llama.cpp's LLAMA_FTYPE_* numbers, by the name its quantize tool gives them.
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q3_K_S": 11, "Q4_K_M": 15, "Q5_K_M": 17,
-              "Q6_K": 18}
+              "Q6_K": 18, "BF16": 32}
 
 
 def requantized_gguf(file_type: str, folder: Path) -> Path:

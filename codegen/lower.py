@@ -85,6 +85,11 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
     types = module.param_types()
     weight_types = [types[n] for n in weight_names]
     weight_index = {n: i for i, n in enumerate(weight_names)}
+    refused = [(n, t.dtype) for n, t in zip(weight_names, weight_types) if t.dtype in target.refused_weight_dtypes]
+    if refused:
+        name, dtype = refused[0]
+        raise LlmcError(f"target {target.name} cannot hold {dtype} weights ({len(refused)} of them, {name} first): "
+                        f"{target.refused_weight_dtypes[dtype]}. Compile with --quant f16, q8 or q4 (or f32)")
     bb = relax.BlockBuilder()
     caches = set()
     kernels: dict = {}

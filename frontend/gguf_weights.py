@@ -24,15 +24,16 @@ import numpy as np
 from llmc.ir import LlmcError
 from llmc.ir.ggml_formats import FORMATS
 from llmc.ir.quant_formats import Quantized, dequantize
-from llmc.passes.quantize import F16, SourceWeight
+from llmc.ir.types import numpy_dtype
+from llmc.passes.quantize import SIXTEEN_BIT_FORMATS, SourceWeight
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
-    """Parameter name -> the file's blocks of that weight (or its float16 values), for every quantized or F16
-    2-D tensor of the GGUF at `path` that the model uses. A tensor in a quantized format llmc does not read is
-    an error naming it. BF16 tensors are left to their float32 form."""
+    """Parameter name -> the file's blocks of that weight (or its 16-bit values), for every quantized, F16 or
+    BF16 2-D tensor of the GGUF at `path` that the model uses. A tensor in a quantized format llmc does not
+    read is an error naming it."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, read_field)
@@ -44,7 +45,7 @@ def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
         listed = ", ".join(f"{name} ({kind})" for name, kind in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise LlmcError(f"{path} stores tensors in formats llmc does not read: {listed}{more}. llmc keeps "
-                        f"{', '.join(FORMATS)} and F16 tensors as they are (BF16 as float32); to convert the "
+                        f"{', '.join(FORMATS)}, F16 and BF16 tensors as they are; to convert the "
                         "dequantized weights instead, compile with `llmc compile MODEL --quant f32` (or f16, q8, "
                         "q4) and run the package")
     config = model.config.to_dict()
@@ -55,15 +56,15 @@ def gguf_source_weights(path: Path, model: Any) -> dict[str, SourceWeight]:
     sources: dict[str, SourceWeight] = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
-        if kind in ("F32", "BF16") or len(tensor.shape) != 2:
+        if kind == "F32" or len(tensor.shape) != 2:
             continue
         cols, rows = (int(n) for n in tensor.shape)
         found = _row_order(processor, tensor.name, rows, names, config)
         if found is None:
             continue
         name, order = found
-        if kind == F16:
-            data = np.asarray(tensor.data).reshape(rows, cols)[order]
+        if kind in SIXTEEN_BIT_FORMATS:  # gguf-py gives F16 as float16, BF16 as its bytes
+            data = np.asarray(tensor.data).view(numpy_dtype(SIXTEEN_BIT_FORMATS[kind])).reshape(rows, cols)[order]
             values = data.astype(np.float32)
         else:
             q = FORMATS[kind].to_quantized(np.asarray(tensor.data), cols)

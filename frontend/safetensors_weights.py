@@ -1,10 +1,9 @@
 """The 16-bit weights of a Hugging Face checkpoint, kept 16-bit by `--quant auto`.
 
 transformers loads the checkpoint as float32 (the graph path's one dtype), which holds every
-float16 value exactly. This module reads which tensors the safetensors files store as F16 (from
-their JSON headers: no tensor data is read) and hands back those weights converted back to
-float16, after checking that the round trip changes no value. BF16 tensors stay float32 (exact;
-16-bit bfloat16 weights are not supported yet).
+float16 and bfloat16 value exactly. This module reads which tensors the safetensors files store
+as F16 or BF16 (from their JSON headers: no tensor data is read) and hands back those weights
+converted back to that dtype, after checking that the round trip changes no value.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from llmc.passes.quantize import F16, SourceWeight
+from llmc.ir.types import numpy_dtype
+from llmc.passes.quantize import SIXTEEN_BIT_FORMATS, SourceWeight
 
 HEADER_LENGTH = struct.Struct("<Q")
 
@@ -32,15 +32,16 @@ def stored_dtypes(folder: Path) -> dict[str, str]:
     return dtypes
 
 
-def float16_weights(folder: Path, model: Any) -> dict[str, SourceWeight]:
-    """Parameter name -> its float16 values, for every 2-D parameter the checkpoint stores as F16."""
+def sixteen_bit_weights(folder: Path, model: Any) -> dict[str, SourceWeight]:
+    """Parameter name -> its 16-bit values, for every 2-D parameter the checkpoint stores as F16 or BF16."""
     stored = stored_dtypes(folder)
     sources = {}
     for name, tensor in model.state_dict().items():
-        if stored.get(name) != F16 or tensor.ndim != 2:
+        kind = stored.get(name)
+        if kind not in SIXTEEN_BIT_FORMATS or tensor.ndim != 2:
             continue
         values = tensor.detach().numpy()
-        narrow = values.astype(np.float16)
+        narrow = values.astype(numpy_dtype(SIXTEEN_BIT_FORMATS[kind]))
         if np.array_equal(narrow.astype(np.float32), values):
-            sources[name] = SourceWeight(F16, narrow)
+            sources[name] = SourceWeight(kind, narrow)
     return sources

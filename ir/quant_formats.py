@@ -30,6 +30,8 @@ import numpy as np
 GROUP = 32
 GROUP_SIZES = (32, 16)
 SCALE_DTYPES = ("float16", "float32")
+# A weight kept as 16-bit floats (a checkpoint's F16 or BF16) is one array, named the weight's name and this suffix.
+SIXTEEN_BIT_SUFFIX = {"float16": ".f16", "bfloat16": ".bf16"}
 
 
 @dataclass(frozen=True)

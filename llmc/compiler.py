@@ -15,7 +15,7 @@ from llmc.frontend.checkpoint import (config_beside, has_tokenizer, load_torch_m
                                       resolve_tokenizer, save_tokenizer)
 from llmc.frontend.gguf_speedup import shared_gguf_readers
 from llmc.frontend.gguf_weights import gguf_source_weights
-from llmc.frontend.safetensors_weights import float16_weights
+from llmc.frontend.safetensors_weights import sixteen_bit_weights
 from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
 from llmc.frontend.torch_export import import_torch_model
@@ -99,7 +99,7 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
             torch_model, name = model, type(model).__name__
         if source is not None and "auto" in (options.quantization, options.head):
             sources = (gguf_source_weights(source.path, torch_model) if source.kind == "gguf"
-                       else float16_weights(source.folder, torch_model))
+                       else sixteen_bit_weights(source.folder, torch_model))
         progress.stage("exporting with torch.export and importing into llmc IR")
         module = import_torch_model(torch_model)
         config = model_config(torch_model) if hasattr(torch_model, "config") else None

@@ -10,6 +10,7 @@ import numpy as np
 
 from llmc.ir import Module, module_from_json, print_module
 from llmc.ir import dims as D
+from llmc.ir.quant_formats import SIXTEEN_BIT_SUFFIX
 from llmc.ir.types import TensorType, numpy_dtype
 from llmc.runtime.package import GRAPH_FILE, Package, is_package
 
@@ -18,7 +19,8 @@ def load_ir(model: str) -> Module:
     if is_package(model):
         package = Package.open(model)
         tensors = package.metadata["weights"]["tensors"]
-        arrays = {entry["name"]: array for entry, array in zip(tensors, package.weights())}
+        arrays = {entry["name"]: array.view(numpy_dtype(entry["dtype"]))
+                  for entry, array in zip(tensors, package.weights())}
         return module_from_json(package.verified(GRAPH_FILE).read_text(), arrays)
     from llmc.frontend.checkpoint import load_torch_model, resolve_model
     from llmc.frontend.onnx_importer import import_onnx_file
@@ -64,7 +66,8 @@ def describe(module: Module, full_ir: bool = False) -> str:
     return "\n".join(lines)
 
 
-STORAGE_SUFFIXES = (".codes", ".scales", ".mins", ".f16")  # the arrays that hold a weight in its format
+# The arrays that hold a weight in its format.
+STORAGE_SUFFIXES = (".codes", ".scales", ".mins", *SIXTEEN_BIT_SUFFIX.values())
 
 
 def weight_formats(module: Module) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """Where `llmc run MODEL` and `llmc chat MODEL` keep the package they compile on first use.
 
 The cache key covers what decides the package's contents: the resolved model file or
-folder (path, size, modification time), the IR version, the target and the options.
-An entry is checked (every file's checksum) before it is used and compiled again if it is
-broken; concurrent first uses of one model take a lock, so one compiles and the others wait.
+folder (path, size, modification time), the IR version, the target (with the processor a CPU
+library is compiled for) and the options. An entry is checked (every file's checksum, and
+that this processor runs its library) before it is used and compiled again if it fails; concurrent first uses of one model take a lock, so one compiles and the others wait.
 `LLMC_CACHE_DIR` moves the cache (default: ~/.cache/llmc).
 """
 
@@ -19,6 +19,7 @@ from llmc.frontend.checkpoint import resolve_model
 from llmc.ir import IR_VERSION
 from llmc.passes.pipeline import PassOptions
 from llmc.runtime.package import Package, PackageError, is_package
+from llmc.targets.cpu import compile_cpu
 
 from .compiler import compile_with_progress
 from .file_lock import exclusive
@@ -38,15 +39,18 @@ def package_for(model: str, target: str = "cpu", options: PassOptions = PassOpti
     if is_package(model):
         return Path(model)
     source = resolve_model(model)
-    key = f"{_fingerprint(source.path)}|ir{IR_VERSION}|{target}|{options}"
+    processor = f"|{compile_cpu()}" if target == "cpu" else ""
+    key = f"{_fingerprint(source.path)}|ir{IR_VERSION}|{target}{processor}|{options}"
     directory = cache_root() / f"{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     with exclusive(directory.with_name(directory.name + ".lock")):
         if is_package(directory):
             try:
-                Package.open(directory).verify_all()
+                package = Package.open(directory)
+                package.verify_all()
+                package.library_path(target)
                 return directory
             except PackageError as error:
-                Console(stderr=True).print(f"the cached package is broken ({error}); compiling it again", markup=False)
+                Console(stderr=True).print(f"the cached package cannot be used ({error}); compiling it again", markup=False)
         else:
             Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)",
                                           markup=False)

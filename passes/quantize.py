@@ -1,10 +1,10 @@
 """Weight formats: `linear` becomes `quantized_linear`, and an embedding lookup `quantized_take`,
-on grouped quantized weights (ir/quant_formats.py), or keeps its op on a float16 weight.
+on grouped quantized weights (ir/quant_formats.py), or keeps its op on a 16-bit float weight.
 
 - auto (the default) keeps the checkpoint's formats: each weight that came as GGUF blocks
   runs in its own format (the file's codes and scales, read without loss by
   ir/ggml_formats.py; a Q4_K_M file keeps its Q4_K, Q5_0, Q6_K and Q8_0 tensors apart),
-  16-bit weights stay 16-bit (F16) and float32 ones float32.
+  16-bit weights stay 16-bit (F16 or BF16) and float32 ones float32.
 - q4 and q8 convert float weights to llmc's Q4_1 or Q8_0, f16 to float16; f32 keeps them.
 The output head may take its own choice (by default 8-bit when the layers are q4 or q8, as
 llama.cpp's Q4 files keep it, since logits are the most sensitive matmul). When the
@@ -21,18 +21,20 @@ from typing import Mapping
 import numpy as np
 
 from llmc.ir import PARAM, GraphBuilder, Module, Node, TensorType
-from llmc.ir.quant_formats import GROUP, Quantized, quantize
+from llmc.ir.quant_formats import GROUP, SIXTEEN_BIT_SUFFIX, Quantized, quantize
 
 from .rewrite import Rule, op, rewrite, var
 
 FORMATS = {"auto": None, "q4": 4, "q8": 8, "f16": 16, "f32": None}
-F16 = "F16"
+F16, BF16 = "F16", "BF16"
+# The 16-bit float formats (safetensors' and GGUF's names) kept as they are, and the IR dtype of each.
+SIXTEEN_BIT_FORMATS = {F16: "float16", BF16: "bfloat16"}
 
 
 @dataclass(frozen=True)
 class SourceWeight:
-    """A weight as the checkpoint stores it: its format's name (a GGUF type, or F16) and its IR form
-    (a grouped quantized weight, or a float16 array)."""
+    """A weight as the checkpoint stores it: its format's name (a GGUF type, F16 or BF16) and its IR
+    form (a grouped quantized weight, or a float16 or bfloat16 array)."""
 
     format: str
     data: Quantized | np.ndarray
@@ -66,14 +68,14 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
 
     def stored(builder: GraphBuilder, name: str, table_only: bool = False
                ) -> tuple[list[Node | None], int | None] | None:
-        """The parameters holding `name` in its chosen format, and the code bits (None for float16)."""
+        """The parameters holding `name` in its chosen format, and the code bits (None for 16-bit floats)."""
         if name not in made:
             form = chosen(name, table_only)
             if form is None:
                 return None
             formats[name], data = form
             if isinstance(data, np.ndarray):
-                arrays = {f"{name}.f16": data}
+                arrays = {name + SIXTEEN_BIT_SUFFIX[data.dtype.name]: data}
             else:
                 arrays = {f"{name}.codes": data.codes, f"{name}.scales": data.scales}
                 arrays.update({f"{name}.mins": data.mins} if data.mins is not None else {})
@@ -106,7 +108,7 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
             return None
         params, bits = found
         if bits is None:
-            rows = builder.op("take", [params[0], node.inputs[1]], {"axis": 0}, name=node.name + "_f16",
+            rows = builder.op("take", [params[0], node.inputs[1]], {"axis": 0}, name=node.name + "_16bit",
                               source=node.source)
             return builder.op("cast", [rows], {"dtype": "float32"}, name=node.name, source=node.source)
         return builder.op("quantized_take", [*params, node.inputs[1]], {"bits": bits},

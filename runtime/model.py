@@ -72,8 +72,8 @@ class TVMExecutor:
         # On the CPU the tensors are the mapped file itself (each keeps its array, and so the map, alive). They
         # are one tvm-ffi Array, made once: a list would be converted on every call. The library checks their
         # shapes and dtypes once, here, rather than on each prefill and decode (targets/weight_checks.py).
-        self.params = tvm_runtime.ffi.convert([tvm_runtime.to_device(weight, self.device)
-                                               for weight in package.weights()])
+        self.params = tvm_runtime.ffi.convert([tvm_runtime.to_device(weight, self.device, dtype)
+                                               for weight, dtype in zip(package.weights(), package.weight_dtypes())])
         try:
             self.vm[CHECK_WEIGHTS](*self.params)
         except Exception as error:  # tvm-ffi raises the VM's check failure as its own error type

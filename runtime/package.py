@@ -28,7 +28,11 @@ import xxhash
 
 from llmc.errors import LlmcError
 
+from .cpu_features import missing_cpu_features
+
 PACKAGE_FORMAT = 4
+# Weight dtypes that numpy lacks, and the numpy dtype that holds their bits.
+NUMPY_STORAGE = {"bfloat16": "uint16"}
 METADATA_FILE = "llmc.json"
 WEIGHTS_FILE = "weights.bin"
 GRAPH_FILE = "graph.json"
@@ -187,7 +191,15 @@ class Package:
             self._check(name, file_digest(self.path / name))
 
     def library_path(self, target: str) -> Path:
-        return self.verified(self.target(target)["library"])
+        """The target's library, checked, once this processor is known to run it."""
+        description = self.target(target)
+        missing = missing_cpu_features(description.get("cpu_features", []))
+        if missing:
+            raise PackageError(f"{self.path} was compiled for a {description['mcpu']} processor, and its {target} "
+                               f"library uses {', '.join(missing)}, which this processor lacks. Compile the "
+                               "model on this machine, or for an older processor with LLMC_CPU (for example "
+                               "LLMC_CPU=x86-64-v3 llmc compile ...).")
+        return self.verified(description["library"])
 
     def runtime_libraries(self, target: str) -> list[Path]:
         """The TVM runtime libraries a target's library needs, in load order, each checked: the installed
@@ -208,15 +220,20 @@ class Package:
         if self._mapped_weights is None:
             self._mapped_weights = _MappedWeights(self.path / WEIGHTS_FILE)
 
+    def weight_dtypes(self) -> list[str]:
+        """Each weight's dtype, in the order of `weights()`."""
+        return [entry["dtype"] for entry in self.metadata["weights"]["tensors"]]
+
     def weights(self) -> Iterator[np.ndarray]:
         """The weights in the order the entry points take them, as arrays over a private map of
         `weights.bin`, checked first: the file's pages stay shared with the page cache unless
-        written, which no kernel does, and DLPack (which has no read-only tensors) can take them."""
+        written, which no kernel does, and DLPack (which has no read-only tensors) can take them.
+        A bfloat16 weight comes as its bits (uint16): numpy has no bfloat16 of its own."""
         self.map_weights()
         mapped, self._mapped_weights = self._mapped_weights, None  # the arrays keep the map alive, not the package
         self._check(WEIGHTS_FILE, mapped.digest())
         mapping = mapped.mapping
         for entry in self.metadata["weights"]["tensors"]:
-            dtype = np.dtype(entry["dtype"])
+            dtype = np.dtype(NUMPY_STORAGE.get(entry["dtype"], entry["dtype"]))
             array = np.frombuffer(mapping, dtype=dtype, count=entry["nbytes"] // dtype.itemsize, offset=entry["offset"])
             yield array.reshape(entry["shape"])

@@ -100,15 +100,20 @@ def load_module(path: Path) -> Any:
     return ffi.load_module(str(path))
 
 
-def to_device(array: np.ndarray, dev: Any) -> Any:
+def to_device(array: np.ndarray, dev: Any, dtype: str | None = None) -> Any:
     """A tensor on `dev` holding `array`: the array itself, without a copy, on the CPU (it must stay
-    writable, as DLPack has no read-only tensors, and alive as long as the tensor)."""
+    writable, as DLPack has no read-only tensors, and alive as long as the tensor). With `dtype`, the
+    array holds that dtype's bits (bfloat16 as uint16) and the tensor is viewed as it."""
     array = np.ascontiguousarray(array)
     if dev.dlpack_device_type() == DEVICE_TYPES["cpu"]:
-        return ffi.from_dlpack(array)
-    tensor = global_func("runtime.TVMTensorAllocWithScope")(Shape(array.shape), ffi.dtype(str(array.dtype)), dev, None)
-    global_func("runtime.TVMTensorCopyFromBytes")(tensor, array.ctypes.data, array.nbytes)
-    return tensor
+        tensor = ffi.from_dlpack(array)
+    else:
+        tensor = global_func("runtime.TVMTensorAllocWithScope")(Shape(array.shape), ffi.dtype(str(array.dtype)), dev,
+                                                                None)
+        global_func("runtime.TVMTensorCopyFromBytes")(tensor, array.ctypes.data, array.nbytes)
+    if dtype is None or dtype == str(array.dtype):
+        return tensor
+    return global_func("runtime.TVMTensorCreateView")(tensor, Shape(array.shape), ffi.dtype(dtype), 0)
 
 
 def to_numpy(tensor: Any) -> np.ndarray:

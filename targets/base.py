@@ -55,6 +55,8 @@ class Target(ABC):
     # Read 8-bit tensors (quantized codes) as the 32-bit words that hold them, for kernel
     # languages without 8-bit types (WGSL).
     bytes_as_words: bool = False
+    # Weight dtypes this target's kernel language cannot hold, and why; a package for it is refused.
+    refused_weight_dtypes: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,7 +1,10 @@
 """The CPU target: LLVM for the host's processor, with llmc's CPU schedules.
 
 Kernels are compiled for the processor of the machine that compiles (as llama.cpp
-builds for its host); the package records that processor.
+builds for its host), or for the one that `LLMC_CPU` names (an LLVM CPU name such as
+`haswell` or `x86-64-v3`, for packages that must run on older processors). The package
+records that processor and the instruction-set extensions its code may use, which the
+runtime checks before loading the library (runtime/cpu_features.py).
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import os
 
 import tvm
-from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
+from tvm.target.codegen import (llvm_cpu_has_features, llvm_get_cpu_features, llvm_get_system_cpu,
+                                llvm_get_system_triple, llvm_is_valid_cpu)
+
+from llmc.errors import LlmcError
 
 from llmc.ir import KVCacheType, Node
 from llmc.ir.dims import DECODE_TOKENS
@@ -20,14 +26,38 @@ from .cpu_kernels.fast_math import use_polynomial_exp
 from .cpu_kernels.parallel_loops import ParallelLoops
 from .pipeline import relax_pipeline
 
+CPU_VARIABLE = "LLMC_CPU"
+
+# The x86 extensions whose absence makes a library die of an illegal instruction, by LLVM's names;
+# the package records those its processor has, and the runtime compares them with the host's.
+ISA_EXTENSIONS = frozenset({
+    "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2", "avxvnni",
+    "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512vnni", "avx512bf16", "avx512fp16",
+    "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq", "avx512ifma", "gfni", "vaes",
+    "vpclmulqdq", "amx-tile", "amx-int8", "amx-bf16",
+})
+
+
+def compile_cpu() -> str:
+    """The LLVM CPU that kernels are compiled for: `LLMC_CPU`, else this machine's processor."""
+    cpu = os.environ.get(CPU_VARIABLE) or llvm_get_system_cpu()
+    if not llvm_is_valid_cpu(cpu, llvm_get_system_triple()):
+        raise LlmcError(f"{CPU_VARIABLE}={cpu!r} is not a CPU that LLVM knows for {llvm_get_system_triple()}; "
+                        f"use a name such as haswell, skylake-avx512, znver3 or x86-64-v3 "
+                        f"(this machine's is {llvm_get_system_cpu()})")
+    return cpu
+
 
 class CpuTarget(Target):
     name = "cpu"
     device_kind = "cpu"
     description = "LLVM for the host CPU"
 
+    def __init__(self) -> None:
+        self.cpu = compile_cpu()  # a bad LLMC_CPU is refused when the target is chosen, before any work
+
     def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1})
+        return tvm.target.Target({"kind": "llvm", "mcpu": self.cpu, "num-cores": os.cpu_count() or 1})
 
     def relax_pipeline(self) -> tvm.transform.Pass:
         use_polynomial_exp()
@@ -38,7 +68,7 @@ class CpuTarget(Target):
             n, k = node.inputs[1].type.shape
             weight = node.inputs[1].type.dtype
             has_bias, has_residual = node.inputs[2] is not None, node.inputs[3] is not None
-            if linear.supported(n, k) and (weight == "float32" or self._has_f16c()):
+            if linear.supported(n, k) and (weight != "float16" or self._has_f16c()):
                 return Kernel(f"linear_{weight}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
                               linear.linear_float(n, k, weight, has_bias, has_residual))
         if node.op == "quantized_linear" and self._has_avx2():
@@ -70,4 +100,6 @@ class CpuTarget(Target):
         }
 
     def describe(self) -> dict:
-        return {**super().describe(), "mcpu": llvm_get_system_cpu()}
+        target = self.tvm_target()
+        extensions = {str(feature) for feature in llvm_get_cpu_features(target)} & ISA_EXTENSIONS
+        return {**super().describe(), "mcpu": self.cpu, "cpu_features": sorted(extensions)}

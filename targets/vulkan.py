@@ -42,6 +42,7 @@ class VulkanTarget(Target):
     executor = "wgpu"
     runtime_libraries = ()
     bytes_as_words = True
+    refused_weight_dtypes = {"bfloat16": "WGSL has no bfloat16, nor a 16-bit integer to hold its bits"}
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})

@@ -83,13 +83,14 @@ def test_inspect_shows_each_tensors_format(smollm2_auto_package):
     assert lines["model.norm.weight"] == "float32"
 
 
-def test_a_float16_file_keeps_float16_weights(gguf_variants, tmp_path):
+@pytest.mark.parametrize("file_type", ["F16", "BF16"])
+def test_a_16_bit_file_keeps_16_bit_weights(gguf_variants, tmp_path, file_type):
     from llmc.compiler import compile_model
 
-    path = gguf_variants("F16")
+    path = gguf_variants(file_type)
     package = compile_model(str(path), tmp_path / "pkg")
     engine = llmc.load(package)
-    assert set(engine.package.metadata["quantization"]["formats"].values()) == {"F16"}
+    assert set(engine.package.metadata["quantization"]["formats"].values()) == {file_type}
     assert (package / "weights.bin").stat().st_size < 300e6  # 538 MB as float32
     model = load_torch_model(resolve_model(str(path)))
     for length in (64, 3):  # no activation quantization with float weights: decode matches too

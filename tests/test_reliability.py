@@ -310,6 +310,33 @@ def test_a_package_without_its_metadata_is_called_incomplete(tiny_package, tmp_p
         llmc.load(copy)
 
 
+def test_a_library_for_a_newer_processor_is_refused_naming_what_this_one_lacks(tiny_package, tmp_path, monkeypatch):
+    # A processor as old as the first x86-64 ones: every package compiled by llmc uses more.
+    older = tmp_path / "cpuinfo"
+    older.write_text("processor\t: 0\nflags\t\t: fpu cx8 cmov sse sse2\n")
+    monkeypatch.setattr("llmc.runtime.cpu_features.CPUINFO", older)
+    with pytest.raises(PackageError, match=r"compiled for a \S+ processor, and its cpu library uses .*avx2.*"
+                                           r"which this processor lacks.*LLMC_CPU"):
+        llmc.load(tiny_package("llama_mha_tied"))
+
+
+def test_llmc_cpu_compiles_for_an_older_processor_with_the_same_tokens(tiny_model, tiny_package, model_folder,
+                                                                        tmp_path, monkeypatch):
+    from llmc.compiler import compile_model
+
+    with monkeypatch.context() as patch:
+        patch.setenv("LLMC_CPU", "haswell")
+        package = compile_model(tiny_model("llama_mha_tied"), tmp_path / "pkg")
+    target = json.loads((package / METADATA_FILE).read_text())["targets"]["cpu"]
+    assert target["mcpu"] == "haswell" and "avx2" in target["cpu_features"]
+    assert not any(feature.startswith("avx512") for feature in target["cpu_features"])
+    expected = llmc.load(tiny_package("llama_mha_tied")).generate([1, 2, 3], GREEDY).output_ids
+    assert llmc.load(package).generate([1, 2, 3], GREEDY).output_ids == expected
+    clean_failure(llmc_cli("compile", str(model_folder), "-o", str(tmp_path / "other"),
+                           env={**os.environ, "LLMC_CPU": "pentium-9000"}),
+                  "LLMC_CPU='pentium-9000' is not a CPU that LLVM knows")
+
+
 @pytest.mark.parametrize("output, message", [("file", "is a file; give a folder"),
                                              ("/proc/llmc-package", "cannot write the package into /proc"),
                                              ("busy", "holds files that are not an llmc package")])
@@ -344,7 +371,7 @@ def test_a_broken_cache_entry_is_compiled_again_and_first_uses_wait_for_one_comp
     weights.write_bytes(bytes(data))
     again = run()
     assert again.returncode == 0 and again.stdout == first.stdout
-    assert b"the cached package is broken" in again.stderr
+    assert b"the cached package cannot be used" in again.stderr
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra", "shape"])

@@ -32,7 +32,7 @@ define("matmul", ("a", "b"), _matmul_infer,
 
 
 # Weights stored narrower than the float32 activations they multiply (the checkpoint's 16 bits, kept).
-WEIGHT_ONLY_DTYPES = ("float16",)
+WEIGHT_ONLY_DTYPES = ("float16", "bfloat16")
 
 
 def _linear_infer(types, attrs):
@@ -41,7 +41,7 @@ def _linear_infer(types, attrs):
     if w.rank != 2 or x.rank < 1 or not D.equal(x.shape[-1], w.shape[1]):
         raise IRError(f"op linear: input {x} does not fit weight {w} (out_features, in_features)")
     if w.dtype != x.dtype and not (x.dtype == "float32" and w.dtype in WEIGHT_ONLY_DTYPES):
-        raise IRError(f"op linear: weight {w} must have the input's dtype, or be float16 for a float32 input")
+        raise IRError(f"op linear: weight {w} must have the input's dtype, or be float16 or bfloat16 for a float32 input")
     if types[2] is not None:
         bias = rules.tensor(types[2], "linear", "bias")
         if bias.rank != 1 or not D.equal(bias.shape[0], w.shape[0]) or bias.dtype != x.dtype:
@@ -65,4 +65,4 @@ def _linear_reference(values, attrs, out_shape):
 define("linear", ("x", "weight", "bias?", "residual?"), _linear_infer, _linear_reference,
        "x @ weight.T + bias + residual, weight stored (out_features, in_features) as in PyTorch; the residual "
        "(a tensor of the output's shape) lets a following add run in the same pass. A float32 input may take a "
-       "float16 weight (computed as its exact float32 value).")
+       "float16 or bfloat16 weight (computed as its exact float32 value).")

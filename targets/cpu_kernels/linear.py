@@ -1,4 +1,4 @@
-"""CPU kernels for `linear` (float32 or float16 weights) and `quantized_linear` (grouped 4/8-bit weights of every
+"""CPU kernels for `linear` (float32, float16 or bfloat16 weights) and `quantized_linear` (grouped 4/8-bit weights of every
 form ir/quant_formats.py allows).
 
 One kernel per weight shape serves decode and prefill: it branches at run time on the
@@ -27,8 +27,8 @@ def supported(n: int, k: int, quantized: bool = False) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def linear_float(n: int, k: int, weight_dtype: str, has_bias: bool, has_residual: bool):
-    """`linear` on float32 activations and an (n, k) float32 or float16 weight (converted as it is read:
-    F16C's vcvtph2ps on x86)."""
+    """`linear` on float32 activations and an (n, k) float32, float16 or bfloat16 weight (converted as it is
+    read: F16C's vcvtph2ps on x86; bfloat16 is the high half of a float32, so a shift)."""
     gemv = matmul.gemv_float(n, k)
     NR = matmul.panel_width(n)
 

@@ -53,7 +53,7 @@ def epilogue(value, bias, res, row, col):
 
 
 def gemv_float(n: int, k: int):
-    """Few rows times a float32 or float16 weight (each 16-lane load converted to float32)."""
+    """Few rows times a float32, float16 or bfloat16 weight (each 16-lane load converted to float32)."""
     rows = ROWS_PER_TASK
 
     @T.macro
