@@ -7,7 +7,10 @@
   an MR x NR register tile, broadcasting one activation per row against NR/8 vectors.
 - `int8_gemv`: few rows with quantized weights; activations are quantized per block of
   32 to int8 (scale and sums kept, as llama.cpp's Q8_1), and each block's dot product runs
-  on AVX2's u8 x s8 multiply-add (`vpmaddubsw`, `vpmaddwd`).
+  on AVX2's u8 x s8 multiply-add (`vpmaddubsw`, `vpmaddwd`). 4-bit weights are read two
+  blocks to a 32-byte load: the activations are also kept in the nibbles' order (see
+  `pair_dot`), so the low and the high nibbles of both blocks multiply as they lie, with no
+  shuffle per weight block.
 Epilogues add the bias and the residual when the kernel has them.
 """
 
@@ -119,6 +122,8 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
     blocks = k // GROUP
     groups = k // group
     per_block = GROUP // group
+    # 4-bit weights run two blocks at a time (an odd last block alone); group-32 scales only, as 4-bit formats have.
+    pairs = blocks // 2 if bits == 4 and per_block == 1 else 0
 
     def group_dot(codes, xq, row, i, g):
         """int32x8 partial sums of codes(row, block g) . xq(row i, block g); lanes 4l..4l+3 hold inputs 4l..4l+3."""
@@ -135,6 +140,27 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
                                              weights)
         pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", unsigned, signed)
         return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+
+    def pair_dot(codes, xn, row, i, p):
+        """int32x8 partial sums of blocks 2p and 2p + 1 of codes(row) with the activations: lanes 0-3 the first
+        block's, lanes 4-7 the second's. One 32-byte load holds both blocks; its low nibbles are inputs 0-15 of
+        each, its high nibbles inputs 16-31, which is the order `xn` keeps the activations in. The two int16
+        products add without overflow (at most 2 x 2 x 15 x 127 per lane)."""
+        packed = codes[row, T.Ramp(p * GROUP, 1, GROUP)]
+        high = T.reinterpret("uint8x32", T.shift_right(T.reinterpret("uint16x16", packed),
+                                                       T.Broadcast(T.uint16(4), 16)))
+        nibble = T.Broadcast(T.uint8(15), 32)
+        low_products = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.bitwise_and(packed, nibble),
+                                               xn[i, T.Ramp(p * 2 * GROUP, 1, GROUP)])
+        high_products = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.bitwise_and(high, nibble),
+                                                xn[i, T.Ramp(p * 2 * GROUP + GROUP, 1, GROUP)])
+        return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", low_products + high_products,
+                                       T.Broadcast(T.int16(1), 16))
+
+    def pair_scale(scale, r, p):
+        """The 8 lanes' float scales of blocks 2p (lanes 0-3) and 2p + 1 (lanes 4-7)."""
+        return T.Shuffle([T.Broadcast(scale[r * groups + 2 * p], 4), T.Broadcast(scale[r * groups + 2 * p + 1], 4)],
+                         IDX32[:8])
 
     def block_scale(scale, r, g):
         """The 8 lanes' float scales of block g: one scale, or (group 16) one per half."""
@@ -157,6 +183,8 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
         xq = T.alloc_buffer((m, k), "int8")
         xd = T.alloc_buffer((m, groups), "float32")  # the activation scale of the block holding each weight group
         xs = T.alloc_buffer((m, groups), "float32")  # that scale times the group's sum of int8 activations
+        # The int8 activations in the nibbles' order: per pair of blocks, inputs 0-15 of both, then 16-31 of both.
+        xn = T.alloc_buffer((m, k), "int8")
         stats = T.alloc_buffer((2,), "float32")
         for i in range(m):
             for g in range(blocks):
@@ -173,6 +201,11 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
                                 stats[0] > T.float32(0), T.float32(127) / stats[0], T.float32(0))))
                         stats[1] = stats[1] + T.Cast("float32", xq[i, g * GROUP + part * group + j])
                     xs[i, g * per_block + part] = xd[i, g * per_block + part] * stats[1]
+            for p in range(pairs):
+                for half in range(2):
+                    for b in range(2):
+                        xn[i, T.Ramp(p * 64 + half * 32 + b * 16, 1, 16)] = \
+                            xq[i, T.Ramp((2 * p + b) * GROUP + half * 16, 1, 16)]
         for nb in T.parallel(n // rows):
             acc = T.alloc_buffer((rows * 8,), "float32")
             offset = T.alloc_buffer((rows * 8,), "float32")
@@ -194,7 +227,13 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool):
                         scale[r * groups + h] = T.Cast("float32", scales[nb * rows + r, h]) * xd[i, h]
                         if has_mins or bits == 4:
                             offset[r * 8] = offset[r * 8] + group_offset(scales, mins, nb * rows + r, h, 1) * xs[i, h]
-                for g in range(blocks):
+                for p in range(pairs):
+                    for r in T.unroll(rows):
+                        T.evaluate(prefetch(codes, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1),
+                                            p * GROUP))
+                        acc[T.Ramp(r * 8, 1, 8)] = acc[T.Ramp(r * 8, 1, 8)] + \
+                            T.Cast("float32x8", pair_dot(codes, xn, nb * rows + r, i, p)) * pair_scale(scale, r, p)
+                for g in range(2 * pairs, blocks):
                     for r in T.unroll(rows):
                         T.evaluate(prefetch(codes, T.min(nb * rows + PREFETCH_TASKS_AHEAD * rows + r, n - 1),
                                             g * (GROUP // 2 if bits == 4 else GROUP)))
