@@ -113,10 +113,14 @@ def _package(model: str, device: str) -> Path:
     return package_for(model, device)
 
 
-def _engine(model: str, device: str):
+def _engine(model: str, device: str, prefix_cache: bool = True):
     from llmc.runtime.engine import load
+    from llmc.runtime.model import CacheSettings
 
-    return load(_package(model, device), device=device)
+    return load(_package(model, device), device=device, cache=CacheSettings(prefix_cache=prefix_cache))
+
+
+NO_PREFIX_CACHE_HELP = "recompute every prompt instead of starting from cached KV pages of an earlier one"
 
 
 @app.command()
@@ -132,14 +136,15 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
         raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with ids, text and logprobs"),
         device: str = typer.Option("cpu", "--device"),
-        threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+        threads: Optional[int] = typer.Option(None, "--threads"),
+        no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP)) -> None:
     """Generate text from PROMPT, streaming it as it is produced."""
     _end_when_done()
 
     def action() -> None:
         _threads(threads)
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
-        engine = _engine(model, device)
+        engine = _engine(model, device, not no_prefix_cache)
         if as_json:
             result = engine.generate(prompt, params, chat=not raw)
             typer.echo(json.dumps(result.to_json()))
@@ -158,14 +163,16 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
          seed: Optional[int] = typer.Option(None, "--seed"),
          system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
          device: str = typer.Option("cpu", "--device"),
-         threads: Optional[int] = typer.Option(None, "--threads")) -> None:
-    """A multi-turn chat in the terminal (empty line or Ctrl-D to quit)."""
+         threads: Optional[int] = typer.Option(None, "--threads"),
+         no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP)) -> None:
+    """A multi-turn chat in the terminal (empty line or Ctrl-D to quit); each turn starts from the KV pages of
+    the conversation so far."""
     _end_when_done()
 
     def action() -> None:
         _threads(threads)
         params = _sampling(1 if max_tokens is None else max_tokens, temperature, top_p, 0, seed, [], 1.0)
-        engine = _engine(model, device)
+        engine = _engine(model, device, not no_prefix_cache)
         messages = [{"role": "system", "content": system}] if system else []
         _stderr().print("chat with the model; an empty line or Ctrl-D ends the chat")
         while True:
@@ -199,6 +206,7 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
                                           help="most tokens in one batch step (decodes plus prompt chunks)"),
           device: str = typer.Option("cpu", "--device"),
           threads: Optional[int] = typer.Option(None, "--threads"),
+          no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP),
           max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="largest request body accepted (413 above)"),
           body_timeout: float = typer.Option(30.0, "--body-timeout", help="seconds a client has to send its body"),
           shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
@@ -219,7 +227,8 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
                               shutdown_timeout_s=at_least("shutdown_timeout",
                                                           finite("shutdown_timeout", shutdown_timeout), 0))
         package = _package(model, device)
-        engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens))
+        engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens,
+                                                     prefix_cache=not no_prefix_cache))
         serve_http(engine, model_name or model, host, port, limits)
     _guarded(action)
 

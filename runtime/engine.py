@@ -89,22 +89,33 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------------------
     def _run(self, request: Request) -> Iterator[str]:
-        cache = self.model.cache
-        seq_id = cache.add_sequence()
+        """Prefill what the prefix cache lacks of the prompt, then decode; a finished sequence stays cached."""
+        cache, prefix = self.model.cache, self.model.prefix
+        ids, chunk = request.prompt_ids, cache.prefill_chunk
+        seq_id, cached = prefix.start(ids)
+        finished = False
+
+        def step(tokens: list[int]):
+            length = cache.lengths[seq_id]
+            prefix.make_room(cache.pages_for(length + len(tokens)) - cache.pages_for(length))
+            return self.model.step([seq_id], [tokens])
         try:
-            ids, chunk = request.prompt_ids, cache.prefill_chunk
             logits = None
-            for start in range(0, len(ids), chunk):
-                logits = self.model.step([seq_id], [ids[start:start + chunk]])
+            for start in range(cached, len(ids), chunk):
+                logits = step(ids[start:start + chunk])
             while True:
                 text = request.accept(logits[0])
                 if text:
                     yield text
                 if request.done:
+                    finished = True
                     return
-                logits = self.model.step([seq_id], [[request.next_input]])
+                logits = step([request.next_input])
         finally:
-            cache.remove_sequence(seq_id)
+            if finished:
+                prefix.finish(seq_id, (ids + request.output_ids)[:cache.lengths[seq_id]])
+            else:
+                cache.remove_sequence(seq_id)
 
     def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
         if not prompt_ids:

@@ -2,8 +2,9 @@
 
 The cache object itself (pages, page tables, attention kernels) is created by the
 compiled library's `create_kv_cache` and lives in TVM's runtime; this class keeps the
-Python side: which sequences exist, how long each is, how many pages are free, and the
-begin/end protocol around each forward step.
+Python side: which sequences exist, how long each is, how many pages are free, the
+begin/end protocol around each forward step, and forks (a sequence that starts as the first
+tokens of another, sharing its pages; runtime/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -34,17 +35,26 @@ class PagedKVCache:
         self._begin = _builtin("kv_state_begin_forward")
         self._end = _builtin("kv_state_end_forward")
         self._popn = _builtin("kv_state_popn")
+        self._fork = _builtin("kv_state_fork_sequence")
         self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
         self.lengths: dict[int, int] = {}
         self._next_id = 0
 
-    def add_sequence(self) -> int:
-        if len(self.lengths) >= self.max_batch_size:
-            raise LlmcError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
-        seq_id = self._next_id
+    def _new_id(self) -> int:
         self._next_id += 1
+        return self._next_id - 1
+
+    def add_sequence(self) -> int:
+        seq_id = self._new_id()
         self._add(self.handle, seq_id)
         self.lengths[seq_id] = 0
+        return seq_id
+
+    def fork(self, parent: int, length: int) -> int:
+        """A new sequence holding the first `length` tokens of `parent`, on the same pages."""
+        seq_id = self._new_id()
+        self._fork(self.handle, parent, seq_id, length)
+        self.lengths[seq_id] = length
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
@@ -68,6 +78,8 @@ class PagedKVCache:
         return -(-tokens // self.page_size)
 
     def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
+        if len(seq_ids) > self.max_batch_size:
+            raise LlmcError(f"the KV cache runs at most {self.max_batch_size} sequences in a step")
         self._begin(self.handle, Shape(list(seq_ids)), Shape(list(counts)), None)
 
     def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:

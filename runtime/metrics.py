@@ -1,8 +1,9 @@
 """What `/metrics` reports about serving, in the Prometheus text format.
 
-Requests running and waiting, KV pages used and total, preemptions, tokens generated, and
-the generation rate over the last seconds (a gauge, so a plain scrape shows tokens per
-second without a `rate()` query).
+Requests running and waiting, KV pages used and total, preemptions, tokens generated, the
+generation rate over the last seconds (a gauge, so a plain scrape shows tokens per second
+without a `rate()` query), and the prefix cache: prompt tokens looked up and found, its hit
+rate, the sequences it keeps and those it evicted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ _METRICS = [  # name, type, help, value
     ("llmc_kv_cache_pages_total", "gauge", "KV cache pages in all.", lambda s, r: s.pages_total),
     ("llmc_preemptions_total", "counter", "Requests preempted (pages freed, recomputed later) for lack of KV pages.",
      lambda s, r: s.preemptions),
+    ("llmc_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+     lambda s, r: s.prefix.queried_tokens),
+    ("llmc_prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from the prefix cache, not computed.",
+     lambda s, r: s.prefix.cached_tokens),
+    ("llmc_prefix_cache_hit_rate", "gauge", "Hit tokens over queried tokens since the server started.",
+     lambda s, r: round(s.prefix.hit_rate, 4)),
+    ("llmc_prefix_cache_sequences", "gauge", "Finished sequences whose KV pages the prefix cache keeps.",
+     lambda s, r: s.prefix.retained_sequences),
+    ("llmc_prefix_cache_evictions_total", "counter", "Cached sequences evicted to free KV pages.",
+     lambda s, r: s.prefix.evictions),
 ]
 
 

@@ -22,6 +22,7 @@ from . import tvm_runtime
 from .devices import open_device
 from .kv_cache import PagedKVCache
 from .package import CHECK_WEIGHTS, Package, PackageError
+from .prefix_cache import PrefixCache
 from .webgpu_model import WebGPUExecutor
 
 # The VM's allocator kinds (TVM's runtime/vm/memory_manager.h).
@@ -30,11 +31,14 @@ POOLED_ALLOCATOR = 2
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """How big the paged KV cache is: tokens in all sequences together, sequences, prefill chunk."""
+    """How big the paged KV cache is: tokens in all sequences together (by default the model's context),
+    sequences, prefill chunk; and whether finished sequences stay cached for later prompts that begin
+    the same way."""
 
-    max_total_tokens: int
+    max_total_tokens: int | None = None
     max_batch_size: int = 16
     prefill_chunk: int = 512
+    prefix_cache: bool = True
 
 
 class ContextOverflow(LlmcError):
@@ -119,11 +123,13 @@ class CompiledModel:
         meta = package.metadata
         self.vocab_size = int(meta["model"]["vocab_size"])
         self.context_length = int(meta["model"]["context_length"])
-        settings = cache or CacheSettings(max_total_tokens=self.context_length)
+        settings = cache or CacheSettings()
         executor = EXECUTORS[package.target(device)["executor"]]
-        self.executor = executor(package, device, settings.max_batch_size, settings.max_total_tokens,
+        self.executor = executor(package, device, settings.max_batch_size,
+                                 settings.max_total_tokens or self.context_length,
                                  settings.prefill_chunk)
         self.cache = self.executor.cache
+        self.prefix = PrefixCache(self.cache, settings.prefix_cache)
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]

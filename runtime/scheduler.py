@@ -6,8 +6,11 @@ each, then prompt chunks fill what is left, oldest request first (chunked prefil
 DeepSpeed-FastGen), so a long prompt never stalls the decodes. A request that cannot get KV
 pages for even one token preempts the newest running requests, itself last; a preempted
 request frees its pages and is later recomputed from its prompt and the tokens it already
-generated, so its output does not change. Nothing here is asynchronous: one caller thread
-calls `add`, `cancel` and `step`.
+generated, so its output does not change. A request starts from the longest prefix of its
+tokens that the prefix cache holds (runtime/prefix_cache.py); one that finishes leaves its
+sequence there, and cached sequences are evicted, least recently used first, before any
+running request is preempted. Nothing here is asynchronous: one caller thread calls `add`,
+`cancel` and `step`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from llmc.errors import LlmcError
 
 from .model import CompiledModel, check_fits
+from .prefix_cache import PrefixStats
 from .request import Request
 
 
@@ -41,6 +45,7 @@ class SchedulerStats:
     pages_total: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    prefix: PrefixStats = PrefixStats()
 
 
 class StepFailed(LlmcError):
@@ -88,6 +93,8 @@ class Scheduler:
     def __init__(self, model: CompiledModel):
         self.model = model
         self.cache = model.cache
+        self.prefix = model.prefix
+        self.prefix.clear()  # what the engine left cached: the pages count from an empty cache
         if self.cache.lengths:
             raise LlmcError("the scheduler needs a KV cache with no sequences in it")
         self.step_tokens = self.cache.prefill_chunk
@@ -177,6 +184,8 @@ class Scheduler:
             if want == 0:
                 continue
             count = self._fitting(entry, want, plan.free_pages)
+            while count == 0 and self._evict(plan):
+                count = self._fitting(entry, want, plan.free_pages)
             while count == 0 and self.running[-1] is not entry:
                 plan.free_pages += self._preempt(self.running[-1])
                 plan.preempted = True
@@ -196,11 +205,16 @@ class Scheduler:
         while self.waiting and plan.budget > 0 and len(self.running) < self.cache.max_batch_size \
                 and not plan.preempted:
             entry = self.waiting[0]
-            count = self._fitting(entry, min(entry.pending, plan.budget), plan.free_pages - len(self.running))
+            match = self.prefix.longest(entry.tokens)
+            # A match is whole pages, so the tokens after it need pages of their own, as from an empty sequence.
+            count = self._fitting(entry, min(len(entry.tokens) - match.length, plan.budget),
+                                  plan.free_pages - len(self.running))
             if count == 0:
+                if self._evict(plan):
+                    continue  # the evicted sequence may have been the match: look again
                 return
             self.waiting.pop(0)
-            entry.seq_id = self.cache.add_sequence()
+            entry.seq_id, entry.cached = self.prefix.start(entry.tokens, match)
             _insert_by_arrival(self.running, entry)
             self._plan(plan, entry, count)
 
@@ -217,23 +231,37 @@ class Scheduler:
     def _pages(self, tokens: int) -> int:
         return self.cache.pages_for(tokens)
 
+    def _evict(self, plan: _Plan) -> bool:
+        """Evict the least recently used cached sequence, counting the pages it frees into the plan."""
+        before = self.cache.free_pages()
+        if not self.prefix.evict_one():
+            return False
+        plan.free_pages += self.cache.free_pages() - before
+        return True
+
     # -- state changes -----------------------------------------------------------------------------------
     def _preempt(self, entry: _Entry) -> int:
-        """Free the entry's pages and queue it for recomputation; the number of pages freed."""
-        freed = self._pages(entry.cached)
+        """Free the entry's pages and queue it for recomputation; the number of pages freed (fewer than it
+        holds where it shares pages with cached sequences)."""
+        before = self.cache.free_pages()
         self.cache.remove_sequence(entry.seq_id)
+        freed = self.cache.free_pages() - before
         self.running.remove(entry)
         entry.seq_id, entry.cached = None, 0
         _insert_by_arrival(self.waiting, entry)
         self._preemptions += 1
         return freed
 
-    def _drop(self, entry: _Entry) -> None:
-        if entry.seq_id is not None:
-            self.cache.remove_sequence(entry.seq_id)
-            self.running.remove(entry)
-        else:
+    def _drop(self, entry: _Entry, finished: bool = False) -> None:
+        """Take the entry out of the batch; a finished one leaves its sequence to the prefix cache."""
+        if entry.seq_id is None:
             self.waiting.remove(entry)
+            return
+        if finished:
+            self.prefix.finish(entry.seq_id, entry.tokens[:entry.cached])
+        else:
+            self.cache.remove_sequence(entry.seq_id)
+        self.running.remove(entry)
 
     def _accept(self, entry: _Entry, logits_row) -> Delta:
         request = entry.request
@@ -241,12 +269,12 @@ class Scheduler:
         text = request.accept(logits_row)
         self._generated += len(request.output_ids) - before
         if request.done:
-            self._drop(entry)
+            self._drop(entry, finished=True)
         return Delta(text, request.output_ids[before:], request.logprobs[before:], request.finish_reason)
 
     def _snapshot(self) -> None:
         self.stats = SchedulerStats(len(self.running), len(self.waiting), self.pages_total - self.cache.free_pages(),
-                                    self.pages_total, self._generated, self._preemptions)
+                                    self.pages_total, self._generated, self._preemptions, self.prefix.stats)
 
 
 def _insert_by_arrival(entries: list[_Entry], entry: _Entry) -> None:

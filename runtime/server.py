@@ -38,12 +38,13 @@ from .scheduler import Delta, RequestFailed, StepFailed
 KV_TOKENS_PER_SEQUENCE = 1024
 
 
-def serving_cache(package: str | Path, max_batch: int, kv_tokens: int | None, step_tokens: int) -> CacheSettings:
+def serving_cache(package: str | Path, max_batch: int, kv_tokens: int | None, step_tokens: int,
+                  prefix_cache: bool = True) -> CacheSettings:
     """Cache settings for serving; by default room for a full-context request and for
     `KV_TOKENS_PER_SEQUENCE` tokens in each sequence of a full batch, whichever is more."""
     context = int(Package.open(package).metadata["model"]["context_length"])
     return CacheSettings(max_total_tokens=kv_tokens or max(context, KV_TOKENS_PER_SEQUENCE * max_batch),
-                         max_batch_size=max_batch, prefill_chunk=step_tokens)
+                         max_batch_size=max_batch, prefill_chunk=step_tokens, prefix_cache=prefix_cache)
 
 
 def _sse(data: dict | str) -> str:

@@ -46,6 +46,13 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
+    def pages_in_use_without_the_prefix_cache(self) -> int:
+        """KV pages still in use once the prefix cache lets go of every sequence it keeps: anything but 0 when
+        the server is idle is a leak. Call it only while no request runs (it acts from this thread)."""
+        scheduler = self.engine.scheduler
+        scheduler.prefix.clear()
+        return scheduler.pages_total - scheduler.cache.free_pages()
+
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics").text
         return {name: float(value) for name, value in re.findall(r"^(llmc_\w+) (\S+)$", text, re.MULTILINE)}

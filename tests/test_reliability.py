@@ -271,7 +271,7 @@ def test_streams_open_at_the_shutdown_deadline_end_with_an_error_event(chat_pack
             endings = [future.result() for future in streams]
         for events in endings:
             assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
-        assert server.metrics()["llmc_kv_cache_pages_used"] == 0
+        assert server.pages_in_use_without_the_prefix_cache() == 0
 
 
 # -- packages ------------------------------------------------------------------------------------------------------

@@ -136,15 +136,14 @@ def test_more_requests_than_the_kv_cache_holds_all_finish(small_server):
     assert together == alone
     assert all(finish == "length" for _, finish, _ in together)
     assert after["llmc_preemptions_total"] > before["llmc_preemptions_total"]
-    assert after["llmc_kv_cache_pages_used"] == 0 and after["llmc_requests_running"] == 0
+    assert after["llmc_requests_running"] == 0 and small_server.pages_in_use_without_the_prefix_cache() == 0
 
 
 def _wait_until_idle(server: ServerThread) -> dict[str, float]:
     deadline = time.monotonic() + 20
     while True:
         metrics = server.metrics()
-        if metrics["llmc_requests_running"] == metrics["llmc_requests_waiting"] == \
-                metrics["llmc_kv_cache_pages_used"] == 0 or time.monotonic() > deadline:
+        if metrics["llmc_requests_running"] == metrics["llmc_requests_waiting"] == 0 or time.monotonic() > deadline:
             return metrics
         time.sleep(0.05)
 
@@ -165,7 +164,7 @@ def test_a_client_that_disconnects_gets_its_request_cancelled_and_its_pages_free
         with pytest.raises(httpx.TimeoutException):
             httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
     after = _wait_until_idle(server)
-    assert after["llmc_kv_cache_pages_used"] == after["llmc_requests_running"] == 0
+    assert after["llmc_requests_running"] == server.pages_in_use_without_the_prefix_cache() == 0
     assert 0 < after["llmc_generated_tokens_total"] - before["llmc_generated_tokens_total"] < 200
 
 
@@ -222,7 +221,7 @@ def test_a_failing_step_fails_only_its_requests(server, monkeypatch):
     assert response.status_code == 500
     assert "simulated kernel failure" in response.json()["error"]["message"]
     assert server.client.completions.create(model=MODEL, prompt="the dog", max_tokens=4).usage.completion_tokens > 0
-    assert _wait_until_idle(server)["llmc_kv_cache_pages_used"] == 0
+    assert _wait_until_idle(server)["llmc_requests_running"] == server.pages_in_use_without_the_prefix_cache() == 0
 
 
 def test_the_serve_command(chat_package):

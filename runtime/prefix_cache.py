@@ -1,0 +1,126 @@
+"""Automatic prefix caching: a finished sequence's KV pages stay in the cache, and a new sequence
+whose tokens begin the same way starts from them instead of recomputing them.
+
+Full KV pages are identified as vLLM identifies them: by a hash of the page's tokens chained
+with the hash of the page before it, so equal hashes mean equal prefixes up to that page. The
+index maps each hash to a retained sequence that holds the page. A new sequence takes the
+longest run of indexed full pages of its tokens (all but its last token, whose logits it needs)
+and is forked from the sequence holding them: TVM's paged KV cache shares the pages themselves,
+counting references, so nothing is copied and a page lives while any sequence uses it.
+Retained sequences are evicted least recently used first, when pages are short; evicting one
+frees the pages that no running sequence shares. Caches that cannot fork (vulkan's) run with
+the cache off: every sequence starts empty and is removed when it ends.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import xxhash
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """Prompt tokens looked up, how many of them came from the cache, and evicted sequences."""
+
+    queried_tokens: int = 0
+    cached_tokens: int = 0
+    evictions: int = 0
+    retained_sequences: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class Match:
+    """The longest cached prefix of some tokens: the retained sequence holding it, and its length."""
+
+    seq_id: int | None
+    length: int
+
+
+def page_hashes(tokens: Sequence[int], page_size: int) -> list[int]:
+    """The chained hash of each full page of `tokens`."""
+    hashes, parent = [], 0
+    ids = np.asarray(tokens, dtype=np.int64)
+    for end in range(page_size, len(ids) + 1, page_size):
+        parent = xxhash.xxh3_64_intdigest(ids[end - page_size:end].tobytes(), seed=parent)
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixCache:
+    def __init__(self, cache: Any, enabled: bool = True):
+        self.cache = cache
+        self.enabled = enabled and hasattr(cache, "fork")
+        self._index: dict[int, int] = {}  # page hash -> a retained sequence holding that page
+        self._retained: OrderedDict[int, list[int]] = OrderedDict()  # seq_id -> its tokens; least recent first
+        self._queried = self._cached = self._evictions = 0
+
+    @property
+    def stats(self) -> PrefixStats:
+        return PrefixStats(self._queried, self._cached, self._evictions, len(self._retained))
+
+    def longest(self, tokens: Sequence[int]) -> Match:
+        """The longest run of cached full pages that begins `tokens` and leaves at least its last token."""
+        if not self.enabled:
+            return Match(None, 0)
+        page = self.cache.page_size
+        found = Match(None, 0)
+        for number, page_hash in enumerate(page_hashes(tokens[:len(tokens) - 1], page)):
+            holder = self._index.get(page_hash)
+            if holder is None:
+                break
+            found = Match(holder, (number + 1) * page)
+        if found.seq_id is not None and self._retained[found.seq_id][:found.length] != list(tokens[:found.length]):
+            return Match(None, 0)  # a hash collision: recompute rather than trust it
+        return found
+
+    def start(self, tokens: Sequence[int], match: Match | None = None) -> tuple[int, int]:
+        """A new sequence for `tokens` (forked from `match`, by default the longest cached prefix) and the
+        number of its tokens already in the cache."""
+        match = self.longest(tokens) if match is None else match
+        if self.enabled:
+            self._queried += len(tokens)
+            self._cached += match.length
+        if match.seq_id is None:
+            return self.cache.add_sequence(), 0
+        self._retained.move_to_end(match.seq_id)
+        return self.cache.fork(match.seq_id, match.length), match.length
+
+    def finish(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """A sequence whose KV holds `tokens` has ended: keep it for later prefixes (if it fills a page), or
+        remove it."""
+        hashes = page_hashes(tokens, self.cache.page_size) if self.enabled else []
+        if not hashes:
+            self.cache.remove_sequence(seq_id)
+            return
+        self._retained[seq_id] = list(tokens)
+        for page_hash in hashes:  # the newest holder is the last to be evicted
+            self._index[page_hash] = seq_id
+
+    def evict_one(self) -> bool:
+        """Remove the least recently used retained sequence; False if none is left."""
+        if not self._retained:
+            return False
+        seq_id, tokens = self._retained.popitem(last=False)
+        for page_hash in page_hashes(tokens, self.cache.page_size):
+            if self._index.get(page_hash) == seq_id:
+                del self._index[page_hash]
+        self.cache.remove_sequence(seq_id)
+        self._evictions += 1
+        return True
+
+    def make_room(self, pages: int) -> None:
+        """Evict until `pages` pages are free, or nothing is left to evict."""
+        while self.cache.free_pages() < pages and self.evict_one():
+            pass
+
+    def clear(self) -> None:
+        while self.evict_one():
+            pass
