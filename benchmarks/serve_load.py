@@ -6,7 +6,13 @@ turn (`--max-tokens` tokens each, end-of-sequence ignored so every request is th
 length). Prints generated tokens per second, time to first token and inter-token latency
 (p50, p99) per client count, as a Markdown table.
 
+Workloads (`--workload`): `distinct`, a short prompt of its own per request (nothing to share);
+`shared-prefix`, one long document (the first `--shared-chars` characters of
+benchmarks/data/perplexity.txt, about 1,000 tokens) followed by each request's own question,
+as clients that share a system prompt. `--no-prefix-cache` starts the server without it.
+
     python benchmarks/serve_load.py /tmp/smol_pkg --clients 1,4,16 --threads 2
+    python benchmarks/serve_load.py /tmp/smol_pkg --workload shared-prefix --clients 16 [--no-prefix-cache]
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 
 MODEL_NAME = "bench"
+DOCUMENT = Path(__file__).resolve().parent / "data" / "perplexity.txt"
 TOPICS = ["the sea", "a lighthouse", "bread", "mountains", "a robot", "winter", "a library", "trains", "the moon",
           "a garden", "rivers", "a market", "clocks", "bees", "a violin", "deserts"]
 
@@ -42,12 +50,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, threads: int, step_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, threads: int, step_tokens: int,
+                 prefix_cache: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
     process = subprocess.Popen([sys.executable, "-m", "llmc.cli", "serve", model, "--host", "127.0.0.1",
                                 "--port", str(port), "--model-name", MODEL_NAME, "--max-batch", str(max_batch),
-                                "--step-tokens", str(step_tokens), "--threads", str(threads)],
+                                "--step-tokens", str(step_tokens), "--threads", str(threads),
+                                *([] if prefix_cache else ["--no-prefix-cache"])],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -73,12 +83,20 @@ async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) 
     return timing
 
 
-async def run_clients(url: str, clients: int, requests: int, max_tokens: int) -> tuple[list[Timing], float]:
+def prompt_for(workload: str, shared: str, number: int) -> str:
+    topic = TOPICS[number % len(TOPICS)]
+    if workload == "shared-prefix":
+        return f"{shared}\n\nQuestion {number}: what does the text above say about {topic}?\nAnswer:"
+    return f"Here is a short story about {topic}:"
+
+
+async def run_clients(url: str, clients: int, requests: int, max_tokens: int, workload: str = "distinct",
+                      shared: str = "") -> tuple[list[Timing], float]:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
 
     async def one_client(index: int) -> list[Timing]:
-        return [await one_request(client, f"Here is a short story about {TOPICS[(index + r) % len(TOPICS)]}:",
-                                  max_tokens) for r in range(requests)]
+        return [await one_request(client, prompt_for(workload, shared, index * requests + r), max_tokens)
+                for r in range(requests)]
 
     start = time.perf_counter()
     results = await asyncio.gather(*(one_client(i) for i in range(clients)))
@@ -108,17 +126,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="TVM threads of the server it starts")
     parser.add_argument("--step-tokens", type=int, default=512, help="the server's token budget per step")
+    parser.add_argument("--workload", choices=["distinct", "shared-prefix"], default="distinct")
+    parser.add_argument("--shared-chars", type=int, default=4000, help="length of the shared-prefix document")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="start the server with its prefix cache off")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    shared = DOCUMENT.read_text()[:args.shared_chars]
     process, url = (None, args.url) if args.url else start_server(args.model, max(counts), args.threads,
-                                                                 args.step_tokens)
+                                                                 args.step_tokens, not args.no_prefix_cache)
     try:
         asyncio.run(run_clients(url, 1, 1, 4))  # warm-up
         print("| clients | requests | generated tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | "
               "ITL p50 ms | ITL p99 ms |")
         print("|---|---|---|---|---|---|---|---|---|")
         for clients in counts:
-            timings, wall = asyncio.run(run_clients(url, clients, args.requests, args.max_tokens))
+            timings, wall = asyncio.run(run_clients(url, clients, args.requests, args.max_tokens, args.workload,
+                                                    shared))
             print(summarize(clients, timings, wall), flush=True)
     finally:
         if process is not None:

@@ -115,7 +115,7 @@ class Engine:
             if finished:
                 prefix.finish(seq_id, (ids + request.output_ids)[:cache.lengths[seq_id]])
             else:
-                cache.remove_sequence(seq_id)
+                prefix.remove(seq_id)
 
     def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
         if not prompt_ids:

@@ -1,9 +1,10 @@
-"""Automatic prefix caching: a finished sequence's KV pages stay in the cache, and a new sequence
-whose tokens begin the same way starts from them instead of recomputing them.
+"""Automatic prefix caching: KV pages are reused by every later sequence whose tokens begin the
+same way, while the sequence that computed them runs and after it finishes.
 
 Full KV pages are identified as vLLM identifies them: by a hash of the page's tokens chained
 with the hash of the page before it, so equal hashes mean equal prefixes up to that page. The
-index maps each hash to a retained sequence that holds the page. A new sequence takes the
+index maps each hash to a sequence that holds the page: a running one (the scheduler reports
+its pages as they are computed) or a finished one that the cache keeps. A new sequence takes the
 longest run of indexed full pages of its tokens (all but its last token, whose logits it needs)
 and is forked from the sequence holding them: TVM's paged KV cache shares the pages themselves,
 counting references, so nothing is copied and a page lives while any sequence uses it.
@@ -44,11 +45,12 @@ class Match:
     length: int
 
 
-def page_hashes(tokens: Sequence[int], page_size: int) -> list[int]:
-    """The chained hash of each full page of `tokens`."""
-    hashes, parent = [], 0
+def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: int = 0) -> list[int]:
+    """The chained hash of each full page of `tokens` after the first `skip` pages (the last of which hashed
+    to `parent`)."""
+    hashes = []
     ids = np.asarray(tokens, dtype=np.int64)
-    for end in range(page_size, len(ids) + 1, page_size):
+    for end in range((skip + 1) * page_size, len(ids) + 1, page_size):
         parent = xxhash.xxh3_64_intdigest(ids[end - page_size:end].tobytes(), seed=parent)
         hashes.append(parent)
     return hashes
@@ -58,8 +60,10 @@ class PrefixCache:
     def __init__(self, cache: Any, enabled: bool = True):
         self.cache = cache
         self.enabled = enabled and hasattr(cache, "fork")
-        self._index: dict[int, int] = {}  # page hash -> a retained sequence holding that page
-        self._retained: OrderedDict[int, list[int]] = OrderedDict()  # seq_id -> its tokens; least recent first
+        self._index: dict[int, int] = {}  # page hash -> a sequence holding that page
+        self._tokens: dict[int, list[int]] = {}  # indexed sequence -> the tokens of its indexed pages
+        self._hashes: dict[int, list[int]] = {}  # indexed sequence -> the hashes of its full pages
+        self._retained: OrderedDict[int, None] = OrderedDict()  # finished sequences kept; least recent first
         self._queried = self._cached = self._evictions = 0
 
     @property
@@ -77,7 +81,7 @@ class PrefixCache:
             if holder is None:
                 break
             found = Match(holder, (number + 1) * page)
-        if found.seq_id is not None and self._retained[found.seq_id][:found.length] != list(tokens[:found.length]):
+        if found.seq_id is not None and self._tokens[found.seq_id][:found.length] != list(tokens[:found.length]):
             return Match(None, 0)  # a hash collision: recompute rather than trust it
         return found
 
@@ -90,29 +94,49 @@ class PrefixCache:
             self._cached += match.length
         if match.seq_id is None:
             return self.cache.add_sequence(), 0
-        self._retained.move_to_end(match.seq_id)
+        if match.seq_id in self._retained:
+            self._retained.move_to_end(match.seq_id)
         return self.cache.fork(match.seq_id, match.length), match.length
+
+    def computed(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """A running sequence's KV now holds `tokens`: its full pages can serve other sequences at once."""
+        if not self.enabled:
+            return
+        page, known = self.cache.page_size, self._hashes.setdefault(seq_id, [])
+        if len(tokens) // page <= len(known):
+            return
+        for page_hash in page_hashes(tokens, page, len(known), known[-1] if known else 0):
+            known.append(page_hash)
+            self._index[page_hash] = seq_id
+        self._tokens[seq_id] = list(tokens[:len(known) * page])
+
+    def remove(self, seq_id: int) -> None:
+        """Remove a sequence that is not kept (cancelled, failed, preempted) from the cache and the index."""
+        self._unindex(seq_id)
+        self.cache.remove_sequence(seq_id)
+
+    def _unindex(self, seq_id: int) -> None:
+        for page_hash in self._hashes.pop(seq_id, []):
+            if self._index.get(page_hash) == seq_id:
+                del self._index[page_hash]
+        self._tokens.pop(seq_id, None)
 
     def finish(self, seq_id: int, tokens: Sequence[int]) -> None:
         """A sequence whose KV holds `tokens` has ended: keep it for later prefixes (if it fills a page), or
         remove it."""
-        hashes = page_hashes(tokens, self.cache.page_size) if self.enabled else []
-        if not hashes:
-            self.cache.remove_sequence(seq_id)
+        if not self.enabled or len(tokens) < self.cache.page_size:
+            self.remove(seq_id)
             return
-        self._retained[seq_id] = list(tokens)
-        for page_hash in hashes:  # the newest holder is the last to be evicted
-            self._index[page_hash] = seq_id
+        self._unindex(seq_id)
+        self.computed(seq_id, tokens)  # the newest holder of a page is the last to be evicted
+        self._retained[seq_id] = None
 
     def evict_one(self) -> bool:
         """Remove the least recently used retained sequence; False if none is left."""
         if not self._retained:
             return False
-        seq_id, tokens = self._retained.popitem(last=False)
-        for page_hash in page_hashes(tokens, self.cache.page_size):
-            if self._index.get(page_hash) == seq_id:
-                del self._index[page_hash]
-        self.cache.remove_sequence(seq_id)
+        seq_id, _ = self._retained.popitem(last=False)
+        self.remove(seq_id)
         self._evictions += 1
         return True
 

@@ -153,6 +153,8 @@ class Scheduler:
         outputs: list[tuple[Request, Delta | RequestFailed]] = []
         for entry, row in zip(entries, logits):
             entry.cached += plan.counts[entry]
+            if entry.cached // self.cache.page_size > (entry.cached - plan.counts[entry]) // self.cache.page_size:
+                self.prefix.computed(entry.seq_id, entry.tokens[:entry.cached])  # a page is full: share it
             if entry.pending == 0:
                 try:
                     outputs.append((entry.request, self._accept(entry, row)))
@@ -244,7 +246,7 @@ class Scheduler:
         """Free the entry's pages and queue it for recomputation; the number of pages freed (fewer than it
         holds where it shares pages with cached sequences)."""
         before = self.cache.free_pages()
-        self.cache.remove_sequence(entry.seq_id)
+        self.prefix.remove(entry.seq_id)
         freed = self.cache.free_pages() - before
         self.running.remove(entry)
         entry.seq_id, entry.cached = None, 0
@@ -260,7 +262,7 @@ class Scheduler:
         if finished:
             self.prefix.finish(entry.seq_id, entry.tokens[:entry.cached])
         else:
-            self.cache.remove_sequence(entry.seq_id)
+            self.prefix.remove(entry.seq_id)
         self.running.remove(entry)
 
     def _accept(self, entry: _Entry, logits_row) -> Delta:

@@ -18,6 +18,7 @@ from server_process import MODEL, ServerThread
 from test_cli import llmc_cli
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+BATCH = CacheSettings(max_total_tokens=1024, max_batch_size=8, prefill_chunk=64)
 
 
 def _prompts(count: int, shared: int, own: int, seed: int = 0) -> list[list[int]]:
@@ -34,6 +35,13 @@ def _run_all(scheduler: Scheduler, engine, prompts: list[list[int]], params: Sam
     while scheduler.has_work:
         scheduler.step()
     return [request.output_ids for request in requests]
+
+
+def _scheduled(chat_package, settings: CacheSettings, prompts: list[list[int]]):
+    """A fresh engine and a scheduler over it, and the greedy tokens each prompt gets alone, uncached."""
+    engine = llmc.load(chat_package, cache=settings)
+    solo = llmc.load(chat_package, cache=CacheSettings(prefix_cache=False))
+    return engine, Scheduler(engine.model), [solo.generate(p, GREEDY).output_ids for p in prompts]
 
 
 def test_a_prompt_sharing_a_prefix_starts_from_its_pages_with_the_same_tokens(chat_package):
@@ -62,11 +70,8 @@ def test_a_chat_turn_starts_from_the_conversation_so_far(chat_package):
 
 
 def test_batched_requests_share_pages_and_give_them_all_back(chat_package):
-    engine = llmc.load(chat_package, cache=CacheSettings(max_total_tokens=1024, max_batch_size=8, prefill_chunk=64))
-    scheduler = Scheduler(engine.model)
     prompts = _prompts(6, shared=70, own=9, seed=1)
-    solo = llmc.load(chat_package, cache=CacheSettings(prefix_cache=False))
-    expected = [solo.generate(p, GREEDY).output_ids for p in prompts]
+    engine, scheduler, expected = _scheduled(chat_package, BATCH, prompts)
     assert _run_all(scheduler, engine, prompts[:1], GREEDY) == expected[:1]  # cached once finished ...
     assert _run_all(scheduler, engine, prompts[1:], GREEDY) == expected[1:]  # ... then shared by five at once
     assert scheduler.stats.prefix.cached_tokens == 5 * (70 // 16 * 16)
@@ -76,13 +81,21 @@ def test_batched_requests_share_pages_and_give_them_all_back(chat_package):
     assert engine.model.cache.free_pages() == scheduler.pages_total  # every shared page's count is back to zero
 
 
+def test_requests_arriving_together_share_the_pages_the_first_one_computes(chat_package):
+    prompts = _prompts(6, shared=70, own=9, seed=3)
+    engine, scheduler, expected = _scheduled(chat_package, BATCH, prompts)
+    assert _run_all(scheduler, engine, prompts, GREEDY) == expected
+    # The first step's 64 tokens are the first prompt's four full pages; the other five start from them.
+    assert scheduler.stats.prefix.cached_tokens == 5 * 64
+    scheduler.prefix.clear()
+    assert not engine.model.cache.lengths and engine.model.cache.free_pages() == scheduler.pages_total
+
+
 def test_cached_sequences_are_evicted_when_pages_run_short(chat_package):
     # 11 pages in all: each request holds up to 4, so the cache cannot keep many finished ones.
-    engine = llmc.load(chat_package, cache=CacheSettings(max_total_tokens=160, max_batch_size=4, prefill_chunk=32))
-    scheduler = Scheduler(engine.model)
     prompts = _prompts(8, shared=0, own=40, seed=2)
-    solo = llmc.load(chat_package, cache=CacheSettings(prefix_cache=False))
-    expected = [solo.generate(p, GREEDY).output_ids for p in prompts]
+    engine, scheduler, expected = _scheduled(
+        chat_package, CacheSettings(max_total_tokens=160, max_batch_size=4, prefill_chunk=32), prompts)
     outputs = [_run_all(scheduler, engine, [prompt], GREEDY)[0] for prompt in prompts]
     outputs += _run_all(scheduler, engine, prompts[-2:], GREEDY)  # the two newest are still cached
     assert outputs == expected + expected[-2:]
