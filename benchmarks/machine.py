@@ -64,6 +64,7 @@ def describe_machine() -> str:
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     from tvm.target.codegen import llvm_get_system_cpu
 
-    compiled_for = f", llmc's kernels compiled for LLMC_CPU={os.environ['LLMC_CPU']}" if os.environ.get("LLMC_CPU") else ""
+    cpu = os.environ.get("LLMC_CPU")
+    compiled_for = f", llmc's kernels compiled for LLMC_CPU={cpu}" if cpu else ""
     return (f"{model} ({llvm_get_system_cpu()}), {os.cpu_count()} cores, {platform.machine()}, "
             f"{datetime.date.today().isoformat()}{compiled_for}")

@@ -3,7 +3,8 @@
 The cache key covers what decides the package's contents: the resolved model file or
 folder (path, size, modification time), the IR version, the target (with the processor a CPU
 library is compiled for) and the options. An entry is checked (every file's checksum, and
-that this processor runs its library) before it is used and compiled again if it fails; concurrent first uses of one model take a lock, so one compiles and the others wait.
+that this processor runs its library) before it is used and compiled again if it fails;
+concurrent first uses of one model take a lock, so one compiles and the others wait.
 `LLMC_CACHE_DIR` moves the cache (default: ~/.cache/llmc).
 """
 
@@ -50,7 +51,8 @@ def package_for(model: str, target: str = "cpu", options: PassOptions = PassOpti
                 package.library_path(target)
                 return directory
             except PackageError as error:
-                Console(stderr=True).print(f"the cached package cannot be used ({error}); compiling it again", markup=False)
+                Console(stderr=True).print(f"the cached package cannot be used ({error}); compiling it again",
+                                           markup=False)
         else:
             Console(stderr=True).print(f"compiling {model} for {target} into {directory} (first use only)",
                                           markup=False)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -39,21 +39,19 @@ class PrefixStats:
 
 @dataclass(frozen=True)
 class Match:
-    """The longest cached prefix of some tokens: the retained sequence holding it, and its length."""
+    """The longest cached prefix of some tokens: a sequence holding it (running or kept), and its length."""
 
     seq_id: int | None
     length: int
 
 
-def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: int = 0) -> list[int]:
+def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: int = 0) -> Iterator[int]:
     """The chained hash of each full page of `tokens` after the first `skip` pages (the last of which hashed
-    to `parent`)."""
-    hashes = []
+    to `parent`), computed as they are asked for."""
     ids = np.asarray(tokens, dtype=np.int64)
     for end in range((skip + 1) * page_size, len(ids) + 1, page_size):
         parent = xxhash.xxh3_64_intdigest(ids[end - page_size:end].tobytes(), seed=parent)
-        hashes.append(parent)
-    return hashes
+        yield parent
 
 
 class PrefixCache:
@@ -127,8 +125,7 @@ class PrefixCache:
         if not self.enabled or len(tokens) < self.cache.page_size:
             self.remove(seq_id)
             return
-        self._unindex(seq_id)
-        self.computed(seq_id, tokens)  # the newest holder of a page is the last to be evicted
+        self.computed(seq_id, tokens)
         self._retained[seq_id] = None
 
     def evict_one(self) -> bool:
@@ -142,7 +139,7 @@ class PrefixCache:
 
     def make_room(self, pages: int) -> None:
         """Evict until `pages` pages are free, or nothing is left to evict."""
-        while self.cache.free_pages() < pages and self.evict_one():
+        while pages > 0 and self.cache.free_pages() < pages and self.evict_one():
             pass
 
     def clear(self) -> None:

@@ -16,7 +16,6 @@ from tvm.target.codegen import (llvm_cpu_has_features, llvm_get_cpu_features, ll
                                 llvm_get_system_triple, llvm_is_valid_cpu)
 
 from llmc.errors import LlmcError
-
 from llmc.ir import KVCacheType, Node
 from llmc.ir.dims import DECODE_TOKENS
 

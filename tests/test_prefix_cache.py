@@ -64,7 +64,8 @@ def test_a_chat_turn_starts_from_the_conversation_so_far(chat_package):
     before = engine.model.prefix.stats.cached_tokens
     second = engine.chat(messages, GREEDY)
     page = engine.model.cache.page_size
-    assert engine.model.prefix.stats.cached_tokens - before >= len(engine.chat_prompt(messages[:2])) // page * page - page
+    first_prompt = len(engine.chat_prompt(messages[:2]))
+    assert engine.model.prefix.stats.cached_tokens - before >= first_prompt // page * page - page
     assert second.output_ids == llmc.load(chat_package, cache=CacheSettings(prefix_cache=False)).chat(
         messages, GREEDY).output_ids
 

@@ -41,7 +41,8 @@ def _linear_infer(types, attrs):
     if w.rank != 2 or x.rank < 1 or not D.equal(x.shape[-1], w.shape[1]):
         raise IRError(f"op linear: input {x} does not fit weight {w} (out_features, in_features)")
     if w.dtype != x.dtype and not (x.dtype == "float32" and w.dtype in WEIGHT_ONLY_DTYPES):
-        raise IRError(f"op linear: weight {w} must have the input's dtype, or be float16 or bfloat16 for a float32 input")
+        raise IRError(f"op linear: weight {w} must have the input's dtype, or be float16 or bfloat16 for a float32 "
+                      "input")
     if types[2] is not None:
         bias = rules.tensor(types[2], "linear", "bias")
         if bias.rank != 1 or not D.equal(bias.shape[0], w.shape[0]) or bias.dtype != x.dtype:

@@ -1,5 +1,5 @@
-"""CPU kernels for `linear` (float32, float16 or bfloat16 weights) and `quantized_linear` (grouped 4/8-bit weights of every
-form ir/quant_formats.py allows).
+"""CPU kernels for `linear` (float32, float16 or bfloat16 weights) and `quantized_linear` (grouped 4/8-bit
+weights of every form ir/quant_formats.py allows).
 
 One kernel per weight shape serves decode and prefill: it branches at run time on the
 number of rows m, to a GEMV loop nest for few rows and a packed-panel GEMM for many (see
