@@ -1,4 +1,5 @@
-"""Many requests at once, from asyncio: each request's text arrives as an async stream of deltas.
+"""Many requests at once, from asyncio: each call's text arrives as an async stream of deltas (several
+interleaved streams for a call of `n` choices, whose prompt is computed once).
 
 One worker thread owns the model and the `Scheduler` and runs one batch step at a time; the
 event loop only hands it requests and cancellations and receives deltas, so it stays
@@ -22,7 +23,7 @@ from .sampling import SamplingParams
 from .scheduler import Delta, RequestFailed, Scheduler, SchedulerStats, StepFailed
 from .metrics import Throughput
 
-_Subscriber = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+_Subscriber = tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]
 
 
 class EngineStopped(LlmcError):
@@ -78,27 +79,35 @@ class AsyncEngine:
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
         return Request(prompt_ids, params, self.engine.tokenizer, self.engine.eos_ids, self.context_length)
 
-    async def stream(self, request: Request) -> AsyncIterator[Delta]:
-        """The deltas of `request` as the batch produces them; the last one has a finish reason.
-        Leaving the loop early (or being cancelled) cancels the request."""
+    async def stream(self, requests: Sequence[Request]) -> AsyncIterator[tuple[int, Delta]]:
+        """(index in `requests`, delta) as the batch produces them, until each request has had its last
+        delta (the one with a finish reason). The requests share one prompt, computed once. Leaving the
+        loop early (or being cancelled) cancels the requests not finished."""
         queue: asyncio.Queue = asyncio.Queue()
-        self._subscribers[request] = (asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+        for index, request in enumerate(requests):
+            self._subscribers[request] = (loop, queue, index)
         if self._stopped:
-            self._subscribers.pop(request)
+            self._unsubscribe(requests)
             raise self._stopped_error()
-        self._submit(lambda: self._add(request))
-        finished = False
+        self._submit(lambda: self._add(requests))
+        unfinished = set(range(len(requests)))
         try:
-            while not finished:
-                delta = await queue.get()
+            while unfinished:
+                index, delta = await queue.get()
                 if isinstance(delta, Exception):
                     raise delta
-                finished = delta.finish_reason is not None
-                yield delta
+                if delta.finish_reason is not None:
+                    unfinished.discard(index)
+                yield index, delta
         finally:
+            self._unsubscribe(requests)
+            for index in unfinished:
+                self._submit(lambda request=requests[index]: self.scheduler.cancel(request))
+
+    def _unsubscribe(self, requests: Sequence[Request]) -> None:
+        for request in requests:
             self._subscribers.pop(request, None)
-            if not finished:
-                self._submit(lambda: self.scheduler.cancel(request))
 
     # -- the worker thread -------------------------------------------------------------------------------
     def _submit(self, command: Callable[[], None]) -> None:
@@ -106,11 +115,11 @@ class AsyncEngine:
             self._commands.append(command)
             self._wake.notify()
 
-    def _add(self, request: Request) -> None:
+    def _add(self, requests: Sequence[Request]) -> None:
         try:
-            self.scheduler.add(request)
-        except LlmcError as error:  # a request that did not come through `request()`
-            self._deliver(request, error)
+            self.scheduler.add(requests[0], requests[1:])
+        except LlmcError as error:  # requests that did not come through `request()`
+            self._deliver(requests[0], error)
 
     def abort_all(self, reason: str) -> None:
         """End every request, running or waiting, with an error saying `reason`."""
@@ -168,6 +177,6 @@ class AsyncEngine:
     def _deliver(self, request: Request, item: Delta | Exception) -> None:
         subscriber = self._subscribers.get(request)
         if subscriber is not None:
-            loop, queue = subscriber
+            loop, queue, index = subscriber
             with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, (index, item))

@@ -4,14 +4,17 @@ requests out; response objects and stream chunks back.
 Lengths follow vLLM: a request whose prompt plus `max_tokens` is longer than the context is
 refused (400, `context_length_exceeded`), never silently clamped; without `max_tokens`, a
 completion gets 16 tokens (OpenAI's default) and a chat reply the rest of the context.
-One choice per request (`n` = 1); `logprobs` gives the chosen tokens' log-probabilities only.
+`n` choices share one computed prompt; with a `seed`, choice i is what a request with seed
+`seed + i` gets alone (as in vLLM). A completion's `best_of` generates that many and returns the
+`n` with the highest log-probability per token (OpenAI's rule). `logprobs` gives the chosen
+tokens' log-probabilities only.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmc.errors import LlmcError
@@ -22,13 +25,14 @@ from .request import Request
 from .sampling import SamplingParams
 from .scheduler import Delta
 from .tokenizer import Tokenizer
-from .validation import InvalidParameter, at_least
+from .validation import MAX_SEED, InvalidParameter, at_least, in_range
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 64  # `n` and `best_of`: more would only queue behind the batch
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _NUMBER = (int, float)
 # Fields llmc does not implement: accepted only at the value that means "off".
-_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "logit_bias": (None, {}),
                 "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
                 "functions": (None, []), "response_format": (None, {"type": "text"})}
 
@@ -51,10 +55,12 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 @dataclass
 class Call:
-    """One parsed API call: the engine request and how to answer it."""
+    """One parsed API call: the engine requests (one per choice generated, all for one prompt) and how to
+    answer it: with the best `n` of them."""
 
     chat: bool
-    request: Request
+    requests: list[Request]
+    n: int
     stream: bool
     include_usage: bool
     logprobs: bool
@@ -80,8 +86,6 @@ def _check_unsupported(body: dict) -> None:
     for name, allowed in _UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
             raise ApiError(f"'{name}' is not supported by this server", name)
-    if _get(body, "n", (int,), 1) != 1:
-        raise ApiError("only n=1 is supported: send one request per choice", "n")
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -114,15 +118,39 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
         raise ApiError(str(error), error.name) from None
 
 
+def _count(body: dict, name: str, low: int) -> int | None:
+    value = _get(body, name, (int,))
+    if value is None:
+        return None
+    try:
+        return int(in_range(name, value, low, MAX_CHOICES))
+    except InvalidParameter as error:
+        raise ApiError(str(error), name) from None
+
+
+def _choices(body: dict, stream: bool) -> tuple[int, int]:
+    """(`n`, how many choices to generate: `best_of`, by default `n`)."""
+    n = _count(body, "n", 1) or 1
+    best_of = _count(body, "best_of", n) or n
+    if best_of > n and stream:
+        raise ApiError("'best_of' cannot be used with 'stream': the best choices are known only at the end",
+                       "best_of")
+    return n, best_of
+
+
 def _call(body: dict, engine: AsyncEngine, prompt_ids: list[int], prompt_field: str, max_tokens: int,
           chat: bool, logprobs: bool) -> Call:
+    stream = _get(body, "stream", (bool,), False)
+    n, generated = _choices(body, stream)
+    params = _sampling(body, max_tokens)
     try:
-        request = engine.request(prompt_ids, _sampling(body, max_tokens))
+        requests = [engine.request(prompt_ids, params if params.seed is None else
+                                   replace(params, seed=(params.seed + i) % (MAX_SEED + 1)))
+                    for i in range(generated)]
     except ContextOverflow as error:
         raise ApiError(str(error), prompt_field, code="context_length_exceeded") from None
-    stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
-    return Call(chat, request, stream, bool(stream and options.get("include_usage")), logprobs)
+    return Call(chat, requests, n, stream, bool(stream and options.get("include_usage")), logprobs)
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> int:
@@ -179,12 +207,34 @@ def parse_chat(body: dict, engine: AsyncEngine) -> Call:
     if not isinstance(messages, list) or not messages:
         raise ApiError("'messages' must be a non-empty list", "messages")
     prompt_ids = engine.engine.chat_prompt([_message_text(m, i) for i, m in enumerate(messages)])
+    if body.get("best_of") not in (None, 1):
+        raise ApiError("'best_of' is for completions; chat completions take 'n'", "best_of")
     if _get(body, "top_logprobs", (int,), 0):
         raise ApiError("top_logprobs is not supported; 'logprobs': true gives the chosen tokens' ones",
                        "top_logprobs")
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"),
                              max(1, engine.context_length - len(prompt_ids)))
     return _call(body, engine, prompt_ids, "messages", max_tokens, True, _get(body, "logprobs", (bool,), False))
+
+
+@dataclass
+class Choice:
+    """One choice's text, tokens and log-probabilities so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.finish_reason = delta.finish_reason
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
 
 @dataclass
@@ -196,19 +246,14 @@ class Reply:
     tokenizer: Tokenizer
     id: str = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    choices: list[Choice] = field(init=False)
 
     def __post_init__(self) -> None:
         self.id = f"{'chatcmpl' if self.call.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.choices = [Choice() for _ in self.call.requests]
 
-    def add(self, delta: Delta) -> None:
-        self.text.append(delta.text)
-        self.token_ids += delta.token_ids
-        self.logprobs += delta.logprobs
-        self.finish_reason = delta.finish_reason
+    def add(self, index: int, delta: Delta) -> None:
+        self.choices[index].add(delta)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict | None:
         if not self.call.logprobs:
@@ -223,41 +268,49 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def usage(self) -> dict[str, int]:
-        prompt = len(self.call.request.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
-                "total_tokens": prompt + len(self.token_ids)}
+        """The prompt counted once, every generated token (also those of choices `best_of` left out)."""
+        prompt = len(self.call.requests[0].prompt_ids)
+        completion = sum(len(choice.token_ids) for choice in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def response(self) -> dict:
-        text, logprobs = "".join(self.text), self._logprobs(self.token_ids, self.logprobs)
-        if self.call.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": self.finish_reason}
-            return {**self._object("chat.completion", [choice]), "usage": self.usage()}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
-        return {**self._object("text_completion", [choice]), "usage": self.usage()}
+        best = sorted(self.choices, key=lambda c: -c.mean_logprob)[:self.call.n] \
+            if len(self.choices) > self.call.n else self.choices
+        choices = []
+        for index, choice in enumerate(best):
+            text, logprobs = "".join(choice.text), self._logprobs(choice.token_ids, choice.logprobs)
+            if self.call.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": choice.finish_reason})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": choice.finish_reason})
+        kind = "chat.completion" if self.call.chat else "text_completion"
+        return {**self._object(kind, choices), "usage": self.usage()}
 
-    def chunks(self, delta: Delta) -> list[dict]:
-        """The stream chunks for one delta (none when it holds no text yet and is not the end)."""
-        first = not self.token_ids and not self.text
-        self.add(delta)
+    def chunks(self, index: int, delta: Delta) -> list[dict]:
+        """The stream chunks for one delta of choice `index` (none when it holds no text yet and is not the end)."""
+        choice = self.choices[index]
+        first = not choice.token_ids and not choice.text
+        choice.add(delta)
         logprobs = self._logprobs(delta.token_ids, delta.logprobs)
         if not self.call.chat:
             if not (delta.text or delta.finish_reason or (logprobs and delta.token_ids)):
                 return []
-            choice = {"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-            return [self._object("text_completion", [choice])]
+            part = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            return [self._object("text_completion", [part])]
         chunks = []
         if first:
-            chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, None))
+            chunks.append(self._chat_chunk(index, {"role": "assistant", "content": ""}, None, None))
         if delta.text or (logprobs and delta.token_ids):
-            chunks.append(self._chat_chunk({"content": delta.text}, logprobs, None))
+            chunks.append(self._chat_chunk(index, {"content": delta.text}, logprobs, None))
         if delta.finish_reason:
-            chunks.append(self._chat_chunk({}, None, delta.finish_reason))
+            chunks.append(self._chat_chunk(index, {}, None, delta.finish_reason))
         return chunks
 
-    def _chat_chunk(self, content: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
-        return self._object("chat.completion.chunk", [choice])
+    def _chat_chunk(self, index: int, content: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
+        part = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._object("chat.completion.chunk", [part])
 
     def usage_chunk(self) -> dict:
         return {**self._object("chat.completion.chunk" if self.call.chat else "text_completion", []),

@@ -9,19 +9,22 @@ request frees its pages and is later recomputed from its prompt and the tokens i
 generated, so its output does not change. A request starts from the longest prefix of its
 tokens that the prefix cache holds (runtime/prefix_cache.py); one that finishes leaves its
 sequence there, and cached sequences are evicted, least recently used first, before any
-running request is preempted. Nothing here is asynchronous: one caller thread calls `add`,
-`cancel` and `step`.
+running request is preempted. Several requests for one prompt (`n` > 1) are added together:
+the first computes the prompt, and the moment its logits come the others are forked from its
+sequence (sharing its pages) and sample their first tokens from the same logits. Nothing here is
+asynchronous: one caller thread calls `add`, `cancel` and `step`.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from llmc.errors import LlmcError
 
 from .model import CompiledModel, check_fits
-from .prefix_cache import PrefixStats
+from .prefix_cache import Match, PrefixStats
 from .request import Request
 
 
@@ -69,6 +72,7 @@ class _Entry:
     arrival: int
     seq_id: int | None = None
     cached: int = 0  # tokens of prompt + output already in the KV cache
+    siblings: list[_Entry] = field(default_factory=list)  # same prompt: forked from this one once it is computed
 
     @property
     def tokens(self) -> list[int]:
@@ -119,15 +123,23 @@ class Scheduler:
         """Refuse a request that could not finish even alone (the prompt plus `max_tokens`)."""
         check_fits(prompt_tokens, max_tokens, self.max_sequence_tokens)
 
-    def add(self, request: Request) -> None:
-        self.check_fits(len(request.prompt_ids), request.params.max_tokens)
-        self.waiting.append(_Entry(request, self._arrivals))
-        self._arrivals += 1
+    def add(self, request: Request, siblings: Sequence[Request] = ()) -> None:
+        """Queue `request`, and `siblings` (more requests for the same prompt), which are forked from it
+        when its prompt is computed rather than computing the prompt again."""
+        for each in (request, *siblings):
+            self.check_fits(len(each.prompt_ids), each.params.max_tokens)
+            if each.prompt_ids != request.prompt_ids:
+                raise LlmcError("the requests added together must have the same prompt")
+        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i)
+                                                          for i, s in enumerate(siblings)])
+        self._arrivals += 1 + len(siblings)
+        self.waiting.append(entry)
         self._snapshot()
 
     def cancel(self, request: Request) -> None:
         """Drop a request wherever it is; its KV pages are free when this returns."""
         for entry in self.running + self.waiting:
+            entry.siblings = [s for s in entry.siblings if s.request is not request]
             if entry.request is request:
                 self._drop(entry)
         self._snapshot()
@@ -156,6 +168,7 @@ class Scheduler:
             if entry.cached // self.cache.page_size > (entry.cached - plan.counts[entry]) // self.cache.page_size:
                 self.prefix.computed(entry.seq_id, entry.tokens[:entry.cached])  # a page is full: share it
             if entry.pending == 0:
+                outputs += self._fork_siblings(entry, row)
                 try:
                     outputs.append((entry.request, self._accept(entry, row)))
                 except Exception as error:  # sampling, detokenization, stop strings: this request only
@@ -167,8 +180,9 @@ class Scheduler:
 
     def fail_all(self) -> list[Request]:
         """Drop every request (after an error the scheduler cannot pin on some of them); the dropped."""
-        dropped = [entry.request for entry in self.running + self.waiting]
+        dropped = [e.request for entry in self.running + self.waiting for e in (entry, *entry.siblings)]
         for entry in self.running + self.waiting:
+            entry.siblings = []
             self._drop(entry)
         self._snapshot()
         return dropped
@@ -242,6 +256,28 @@ class Scheduler:
         return True
 
     # -- state changes -----------------------------------------------------------------------------------
+    def _fork_siblings(self, entry: _Entry, logits_row) -> list[tuple[Request, Delta | RequestFailed]]:
+        """Start the entry's siblings from its computed prompt, each taking its first token from the
+        same logits; a sibling that finds no room in the batch or no page for the fork waits instead
+        (and later starts from the prefix cache)."""
+        siblings, entry.siblings = entry.siblings, []
+        length, outputs = entry.cached, []
+        fork_pages = 1 if length % self.cache.page_size else 0  # a fork within a page copies that page
+        for sibling in siblings:
+            self.prefix.make_room(fork_pages)
+            if len(self.running) >= self.cache.max_batch_size or self.cache.free_pages() < fork_pages:
+                _insert_by_arrival(self.waiting, sibling)
+                continue
+            sibling.seq_id, sibling.cached = self.prefix.start(sibling.tokens, Match(entry.seq_id, length))
+            _insert_by_arrival(self.running, sibling)
+            try:
+                outputs.append((sibling.request, self._accept(sibling, logits_row)))
+            except Exception as error:  # as in `step`: this request only
+                if sibling in self.running:
+                    self._drop(sibling)
+                outputs.append((sibling.request, RequestFailed(error)))
+        return outputs
+
     def _preempt(self, entry: _Entry) -> int:
         """Free the entry's pages and queue it for recomputation; the number of pages freed (fewer than it
         holds where it shares pages with cached sequences)."""
@@ -255,7 +291,12 @@ class Scheduler:
         return freed
 
     def _drop(self, entry: _Entry, finished: bool = False) -> None:
-        """Take the entry out of the batch; a finished one leaves its sequence to the prefix cache."""
+        """Take the entry out of the batch; a finished one leaves its sequence to the prefix cache. Siblings
+        still waiting for it go on without it: the first of them computes the prompt."""
+        if entry.siblings:
+            heir, *rest = entry.siblings
+            heir.siblings, entry.siblings = rest, []
+            _insert_by_arrival(self.waiting, heir)
         if entry.seq_id is None:
             self.waiting.remove(entry)
             return
@@ -275,7 +316,8 @@ class Scheduler:
         return Delta(text, request.output_ids[before:], request.logprobs[before:], request.finish_reason)
 
     def _snapshot(self) -> None:
-        self.stats = SchedulerStats(len(self.running), len(self.waiting), self.pages_total - self.cache.free_pages(),
+        waiting = len(self.waiting) + sum(len(entry.siblings) for entry in self.running + self.waiting)
+        self.stats = SchedulerStats(len(self.running), waiting, self.pages_total - self.cache.free_pages(),
                                     self.pages_total, self._generated, self._preemptions, self.prefix.stats)
 
 

@@ -90,10 +90,10 @@ async def _json_body(http: HttpRequest, limits: ServerLimits) -> dict:
     return body
 
 
-async def _events(reply: Reply, deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
+async def _events(reply: Reply, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[str]:
     try:
-        async for delta in deltas:
-            for chunk in reply.chunks(delta):
+        async for index, delta in deltas:
+            for chunk in reply.chunks(index, delta):
                 yield _sse(chunk)
         if reply.call.include_usage:
             yield _sse(reply.usage_chunk())
@@ -102,11 +102,11 @@ async def _events(reply: Reply, deltas: AsyncIterator[Delta]) -> AsyncIterator[s
     yield _sse("[DONE]")
 
 
-async def _collect(http: HttpRequest, reply: Reply, deltas: AsyncIterator[Delta]) -> None:
-    """Gather the whole reply, or stop (cancelling the request) when the client disconnects."""
+async def _collect(http: HttpRequest, reply: Reply, deltas: AsyncIterator[tuple[int, Delta]]) -> None:
+    """Gather the whole reply, or stop (cancelling the requests) when the client disconnects."""
     async def gather() -> None:
-        async for delta in deltas:
-            reply.add(delta)
+        async for index, delta in deltas:
+            reply.add(index, delta)
 
     async def disconnect() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -144,7 +144,7 @@ def create_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serv
             # Tokenizing and rendering the template can take a while for a long prompt: not on the event loop.
             call = await asyncio.to_thread(parse, body, engine)
             reply = Reply(call, model_name, engine.engine.tokenizer)
-            deltas = engine.stream(call.request)
+            deltas = engine.stream(call.requests)
             if call.stream:
                 return StreamingResponse(_events(reply, deltas), media_type="text/event-stream")
             await _collect(http, reply, deltas)

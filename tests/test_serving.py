@@ -179,7 +179,7 @@ def test_a_client_that_disconnects_gets_its_request_cancelled_and_its_pages_free
     ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": "ten"}', 400, "max_tokens", None),
     ("/v1/completions", b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": 1000}', 400, "prompt",
      "context_length_exceeded"),
-    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}',
+    ("/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 0}',
      400, "n", None),
     ("/v1/completions", b'{"model": "tiny-chat", "prompt": [7, 100000]}', 400, None, None),
 ])
@@ -194,8 +194,11 @@ def test_bad_requests_get_openai_style_errors(server, path, body, status, param,
 def test_the_official_client_sees_errors_and_the_server_keeps_serving(server):
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens"):
         server.client.completions.create(model=MODEL, prompt="hi", max_tokens=300)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3)
+    with pytest.raises(openai.BadRequestError, match="n must be between 1 and 64"):
+        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=0)
+    choices = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3,
+                                                    max_tokens=3).choices
+    assert [c.index for c in choices] == [0, 1, 2]
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="another-model", prompt="hi")
     response = server.client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=5, temperature=0,
