@@ -3,7 +3,7 @@
 `llmc.compile(model, output, targets)` turns a model (built-in name, GGUF file, Hugging
 Face folder or PyTorch module) into a package directory; `llmc.load(package)` loads
 one and returns an engine with `forward`, `generate`, `stream` and `chat`, which take
-`SamplingParams`. Loading and running need only the runtime install; compiling needs the
+`SamplingParams` (`speculation=Speculation()` decodes with prompt-lookup drafts). Loading and running need only the runtime install; compiling needs the
 `compiler` extra.
 """
 
@@ -24,10 +24,10 @@ def compile(model, output, targets=("cpu",), quantization: str = "auto"):  # noq
     return compile_model(model, output, targets, PassOptions(quantization=quantization))
 
 
-def load(path, device: str = "cpu", cache=None):
+def load(path, device: str = "cpu", cache=None, speculation=None):
     from llmc.runtime.engine import load as load_engine
 
-    return load_engine(path, device, cache)
+    return load_engine(path, device, cache, speculation)
 
 
 __all__ = ["LlmcError", "SamplingParams", "compile", "load"]

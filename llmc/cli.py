@@ -113,14 +113,24 @@ def _package(model: str, device: str) -> Path:
     return package_for(model, device)
 
 
-def _engine(model: str, device: str, prefix_cache: bool = True):
+def _speculation(text: Optional[str]):
+    from llmc.runtime.speculation import Speculation
+
+    return Speculation.parse(text) if text else None
+
+
+def _engine(model: str, device: str, prefix_cache: bool = True, speculate: Optional[str] = None):
     from llmc.runtime.engine import load
     from llmc.runtime.model import CacheSettings
 
-    return load(_package(model, device), device=device, cache=CacheSettings(prefix_cache=prefix_cache))
+    speculation = _speculation(speculate)
+    return load(_package(model, device), device=device, cache=CacheSettings(prefix_cache=prefix_cache),
+                speculation=speculation)
 
 
 NO_PREFIX_CACHE_HELP = "recompute every prompt instead of starting from cached KV pages of an earlier one"
+SPECULATE_HELP = ("decode speculatively: ngram[:K] drafts up to K tokens (5) by prompt lookup, draft:PKG[:K] with a "
+                  "smaller compiled model that has the same tokenizer; greedy output is unchanged")
 
 
 @app.command()
@@ -137,14 +147,15 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with ids, text and logprobs"),
         device: str = typer.Option("cpu", "--device"),
         threads: Optional[int] = typer.Option(None, "--threads"),
-        no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP)) -> None:
+        no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP),
+        speculate: Optional[str] = typer.Option(None, "--speculate", help=SPECULATE_HELP)) -> None:
     """Generate text from PROMPT, streaming it as it is produced."""
     _end_when_done()
 
     def action() -> None:
         _threads(threads)
         params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
-        engine = _engine(model, device, not no_prefix_cache)
+        engine = _engine(model, device, not no_prefix_cache, speculate)
         if as_json:
             result = engine.generate(prompt, params, chat=not raw)
             typer.echo(json.dumps(result.to_json()))
@@ -164,7 +175,8 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
          system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
          device: str = typer.Option("cpu", "--device"),
          threads: Optional[int] = typer.Option(None, "--threads"),
-         no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP)) -> None:
+         no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP),
+         speculate: Optional[str] = typer.Option(None, "--speculate", help=SPECULATE_HELP)) -> None:
     """A multi-turn chat in the terminal (empty line or Ctrl-D to quit); each turn starts from the KV pages of
     the conversation so far."""
     _end_when_done()
@@ -172,7 +184,7 @@ def chat(model: str = typer.Argument(..., help="package directory or model (comp
     def action() -> None:
         _threads(threads)
         params = _sampling(1 if max_tokens is None else max_tokens, temperature, top_p, 0, seed, [], 1.0)
-        engine = _engine(model, device, not no_prefix_cache)
+        engine = _engine(model, device, not no_prefix_cache, speculate)
         messages = [{"role": "system", "content": system}] if system else []
         _stderr().print("chat with the model; an empty line or Ctrl-D ends the chat")
         while True:
@@ -207,6 +219,7 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
           device: str = typer.Option("cpu", "--device"),
           threads: Optional[int] = typer.Option(None, "--threads"),
           no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help=NO_PREFIX_CACHE_HELP),
+          speculate: Optional[str] = typer.Option(None, "--speculate", help=SPECULATE_HELP),
           max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="largest request body accepted (413 above)"),
           body_timeout: float = typer.Option(30.0, "--body-timeout", help="seconds a client has to send its body"),
           shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout",
@@ -226,9 +239,10 @@ def serve(model: str = typer.Argument(..., help="package directory or model (com
                               body_timeout_s=at_least("body_timeout", finite("body_timeout", body_timeout), 0.1),
                               shutdown_timeout_s=at_least("shutdown_timeout",
                                                           finite("shutdown_timeout", shutdown_timeout), 0))
+        speculation = _speculation(speculate)
         package = _package(model, device)
         engine = load(package, device, serving_cache(package, max_batch, kv_tokens, step_tokens,
-                                                     prefix_cache=not no_prefix_cache))
+                                                     prefix_cache=not no_prefix_cache), speculation)
         serve_http(engine, model_name or model, host, port, limits)
     _guarded(action)
 

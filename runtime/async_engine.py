@@ -36,7 +36,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, on_stop: Callable[[BaseException], None] = lambda error: None):
         """`on_stop` is called (from the worker thread) if the worker dies."""
         self.engine = engine
-        self.scheduler = Scheduler(engine.model)
+        self.scheduler = Scheduler(engine.model, engine.speculators)
         self.throughput = Throughput()
         self.failure: BaseException | None = None
         self._on_stop = on_stop

@@ -3,7 +3,8 @@
 `llmc.load(DIR)` returns an `Engine`. `forward(ids)` gives the logits of every position
 (perplexity and scoring); `generate` and `chat` run one request at a time (prefill in
 chunks, then decode) and can stream text through a callback; `stream` yields the text
-pieces as they come.
+pieces as they come. With `speculation`, decoding checks drafted tokens several at a time
+(runtime/speculation.py).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from .model import CacheSettings, CompiledModel, ContextOverflow, check_fits
 from .package import Package
 from .request import Generation, Request
 from .sampling import SamplingParams
+from .speculation import Speculation, speculators
 from .tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
 class Engine:
-    def __init__(self, path: str | Path, device: str = "cpu", cache: CacheSettings | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", cache: CacheSettings | None = None,
+                 speculation: Speculation | None = None):
         self.package = Package.open(path)
         info = self.package.metadata.get("tokenizer") or {}
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
@@ -38,6 +41,7 @@ class Engine:
         self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
                                                       "eos_token": info.get("eos_token")}) if template else None)
         self.model = CompiledModel(self.package, device, cache)
+        self.speculators = speculators(speculation, self.model, device) if speculation else None
 
     def _tokenizer_file(self, name: str) -> Path:
         """The tokenizer file, checked against its checksum when the package records it."""
@@ -95,23 +99,37 @@ class Engine:
         seq_id, cached = prefix.start(ids)
         finished = False
 
-        def step(tokens: list[int]):
+        speculator = self.speculators() if self.speculators else None
+
+        def step(tokens: list[int], rows: int = 1):
             length = cache.lengths[seq_id]
             prefix.make_room(cache.pages_for(length + len(tokens)) - cache.pages_for(length))
-            return self.model.step([seq_id], [tokens])
+            return self.model.step([seq_id], [tokens], [rows])
         try:
             logits = None
             for start in range(cached, len(ids), chunk):
                 logits = step(ids[start:start + chunk])
+            text = request.accept(logits[0])
             while True:
-                text = request.accept(logits[0])
                 if text:
                     yield text
                 if request.done:
                     finished = True
                     return
-                logits = step([request.next_input])
+                tokens = ids + request.output_ids
+                # Drafts past max_tokens are wasted, and their KV must fit the context.
+                room = min(self.context_length - len(tokens), request.params.max_tokens - len(request.output_ids) - 1)
+                draft = speculator.draft(tokens, room, self.model.step_cost) if speculator and room > 0 else []
+                if not draft:
+                    text = request.accept(step([request.next_input])[0])
+                    continue
+                length = cache.lengths[seq_id]
+                text, kept = request.accept_drafted(step([request.next_input, *draft], len(draft) + 1), draft)
+                cache.truncate(seq_id, length + 1 + kept)
+                speculator.feedback(len(draft), kept)
         finally:
+            if speculator is not None:
+                speculator.close()
             if finished:
                 prefix.finish(seq_id, (ids + request.output_ids)[:cache.lengths[seq_id]])
             else:
@@ -145,5 +163,6 @@ class Engine:
         return request.result()
 
 
-def load(path: str | Path, device: str = "cpu", cache: CacheSettings | None = None) -> Engine:
-    return Engine(path, device, cache)
+def load(path: str | Path, device: str = "cpu", cache: CacheSettings | None = None,
+         speculation: Speculation | None = None) -> Engine:
+    return Engine(path, device, cache, speculation)

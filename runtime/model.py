@@ -10,6 +10,7 @@ executor runs the entry points: TVM's VM for TVM libraries, wgpu for vulkan pack
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,49 @@ class CacheSettings:
     max_batch_size: int = 16
     prefill_chunk: int = 512
     prefix_cache: bool = True
+
+
+class StepCost:
+    """What a step costs: a line fitted to the time of recent steps of up to LONGEST tokens (recent ones weigh
+    more; on a CPU each token of a small step costs about the same, whichever sequence it belongs to), as
+    seconds for one token (`decode_s`) and the extra per token beyond it as a fraction of that
+    (`extra_per_token`): what checking a speculative draft costs (runtime/speculation.py)."""
+
+    MEMORY = 0.95
+    UNMEASURED = 0.5  # a guess between a float model (about 0.15 on a CPU) and an int8-activation one (0.6)
+    LONGEST = 17  # steps of more tokens are prompt chunks, not drafts
+
+    def __init__(self):
+        self._sums = np.zeros(5)  # weights, x, y, x^2, x.y over recent steps; x: tokens beyond the first
+
+    def record(self, tokens: int, seconds: float) -> None:
+        if tokens <= self.LONGEST:
+            x = tokens - 1
+            self._sums = self.MEMORY * self._sums + np.array([1.0, x, seconds, x * x, x * seconds])
+
+    def _line(self) -> tuple[float, float] | None:
+        """(seconds at one token, seconds per extra token), once steps of two sizes have been seen."""
+        n, x, y, xx, xy = self._sums
+        spread = n * xx - x * x
+        if n == 0 or spread <= 1e-9 * n * n:
+            return None
+        slope = (n * xy - x * y) / spread
+        return (y - slope * x) / n, slope
+
+    @property
+    def decode_s(self) -> float | None:
+        line = self._line()
+        if line is not None:
+            return line[0]
+        n, x, y, _, _ = self._sums
+        return y / n if n and x == 0 else None
+
+    @property
+    def extra_per_token(self) -> float:
+        line = self._line()
+        if line is None or line[0] <= 0:
+            return self.UNMEASURED
+        return max(line[1] / line[0], 0.0)
 
 
 class ContextOverflow(LlmcError):
@@ -130,18 +174,21 @@ class CompiledModel:
                                  settings.prefill_chunk)
         self.cache = self.executor.cache
         self.prefix = PrefixCache(self.cache, settings.prefix_cache)
+        self.step_cost = StepCost()
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise LlmcError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
 
-    def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
-        """Append `chunks[i]` to sequence `seq_ids[i]`; logits of each sequence's last token (rows, vocab),
-        or of every token when `all_logits`."""
+    def step(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]],
+             logit_rows: Sequence[int] | None = None) -> np.ndarray:
+        """Append `chunks[i]` to sequence `seq_ids[i]`; the logits of each chunk's last `logit_rows[i]` tokens
+        (by default its last token), one row per token in order: (rows, vocab)."""
         counts = [len(c) for c in chunks]
         if min(counts) < 1:
             raise LlmcError("every sequence in a step needs at least one token")
+        wanted = logit_rows or [1] * len(counts)
         for seq_id, count in zip(seq_ids, counts):
             if self.cache.lengths[seq_id] + count > self.context_length:
                 raise ContextOverflow(f"the sequence would reach {self.cache.lengths[seq_id] + count} tokens, more "
@@ -151,20 +198,24 @@ class CompiledModel:
         positions = [p for seq_id, count in zip(seq_ids, counts)
                      for p in range(self.cache.lengths[seq_id], self.cache.lengths[seq_id] + count)]
         self.cache.begin(seq_ids, counts)
+        started = time.perf_counter()
         try:
-            if all(c == 1 for c in counts) and not all_logits:
+            if all(c == 1 for c in counts):
                 return self.executor.decode(tokens, positions)
-            rows = np.arange(len(tokens)) if all_logits else np.cumsum(counts) - 1
+            ends = np.cumsum(counts)
+            rows = np.concatenate([np.arange(end - want, end) for end, want in zip(ends, wanted)])
             return self.executor.prefill(tokens, positions, rows)
         finally:
             self.cache.end(seq_ids, counts)
+            self.step_cost.record(len(tokens), time.perf_counter() - started)
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after every token of `tokens` (len, vocab), in a sequence of its own."""
         seq_id = self.cache.add_sequence()
         try:
             chunk = self.cache.prefill_chunk
-            parts = [self.step([seq_id], [tokens[i:i + chunk]], all_logits=True) for i in range(0, len(tokens), chunk)]
+            parts = [self.step([seq_id], [tokens[i:i + chunk]], [len(tokens[i:i + chunk])])
+                     for i in range(0, len(tokens), chunk)]
         finally:
             self.cache.remove_sequence(seq_id)
         return np.concatenate(parts)

@@ -81,7 +81,22 @@ class Request:
 
     def accept(self, logits: np.ndarray) -> str:
         """Pick the next token from `logits`; return the text it makes final ('' if none)."""
-        token, logprob = self.sampler.sample(logits, self.prompt_ids + self.output_ids)
+        return self._take(*self.sampler.sample(logits, self.prompt_ids + self.output_ids))
+
+    def accept_drafted(self, logits: np.ndarray, draft: Sequence[int]) -> tuple[str, int]:
+        """Pick tokens from the logits of a step that ran the next input and then `draft` (one row per input),
+        keeping drafts while they are what the request picks: the text made final, and how many drafts
+        became output (their KV stays valid; the rest is rolled back)."""
+        text, kept = "", 0
+        for row, guess in enumerate(draft):
+            token, logprob = self.sampler.check_draft(logits[row], self.prompt_ids + self.output_ids, guess)
+            text += self._take(token, logprob)
+            if token != guess or self.done:
+                return text, kept
+            kept += 1
+        return text + self.accept(logits[len(draft)]), kept
+
+    def _take(self, token: int, logprob: float) -> str:
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return self._finish_text()

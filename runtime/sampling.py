@@ -76,12 +76,9 @@ class Sampler:
             logits[seen] = np.where(values > 0, values / penalty, values * penalty)
         return logits
 
-    def sample(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, float]:
-        """(token, its log-probability under the model) for one row of logits."""
+    def probabilities(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The distribution a token is sampled from (not greedy): penalty, temperature, top-k, top-p."""
         scores = self._penalized(logits, history)
-        if self.params.greedy:
-            token = int(np.argmax(scores))
-            return token, log_probability(logits, token)
         # Extreme but valid settings (a penalty of 1e-300, say) overflow to infinity: keep the order, drop the inf.
         scores = np.nan_to_num(scores.astype(np.float64) / self.params.temperature, nan=-np.inf,
                                posinf=np.finfo(np.float64).max, neginf=-np.inf)
@@ -97,5 +94,28 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
-        token = int(self.rng.choice(probs.size, p=probs))
+        return probs
+
+    def sample(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, float]:
+        """(token, its log-probability under the model) for one row of logits."""
+        if self.params.greedy:
+            token = int(np.argmax(self._penalized(logits, history)))
+        else:
+            probs = self.probabilities(logits, history)
+            token = int(self.rng.choice(probs.size, p=probs))
+        return token, log_probability(logits, token)
+
+    def check_draft(self, logits: np.ndarray, history: Sequence[int], draft: int) -> tuple[int, float]:
+        """(token, its log-probability) for one row of logits whose position a drafter guessed `draft` for.
+        Greedy picks as `sample` does. Sampling accepts the draft with its probability, else samples from the
+        distribution without it: for a draft proposed with certainty (prompt lookup) this is the rejection
+        rule of speculative sampling, so the tokens keep the model's distribution."""
+        if self.params.greedy:
+            return self.sample(logits, history)
+        probs = self.probabilities(logits, history)
+        if self.rng.random() < probs[draft]:
+            token = draft
+        else:
+            probs[draft] = 0.0
+            token = int(self.rng.choice(probs.size, p=probs / probs.sum()))
         return token, log_probability(logits, token)

@@ -11,21 +11,27 @@ tokens that the prefix cache holds (runtime/prefix_cache.py); one that finishes 
 sequence there, and cached sequences are evicted, least recently used first, before any
 running request is preempted. Several requests for one prompt (`n` > 1) are added together:
 the first computes the prompt, and the moment its logits come the others are forked from its
-sequence (sharing its pages) and sample their first tokens from the same logits. Nothing here is
-asynchronous: one caller thread calls `add`, `cancel` and `step`.
+sequence (sharing its pages) and sample their first tokens from the same logits. With
+speculation, a decoding request may add drafted tokens to its step (runtime/speculation.py); the
+drafts it does not keep are rolled back from the KV cache before the next step, while the other
+requests of the batch decode as usual. Nothing here is asynchronous: one caller thread calls `add`,
+`cancel` and `step`.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 from llmc.errors import LlmcError
 
 from .model import CompiledModel, check_fits
 from .prefix_cache import Match, PrefixStats
 from .request import Request
+from .speculation import Speculator
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class _Entry:
     seq_id: int | None = None
     cached: int = 0  # tokens of prompt + output already in the KV cache
     siblings: list[_Entry] = field(default_factory=list)  # same prompt: forked from this one once it is computed
+    speculator: Speculator | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -90,12 +97,14 @@ class _Plan:
     budget: int
     free_pages: int
     counts: dict[_Entry, int] = field(default_factory=dict)
+    drafts: dict[_Entry, list[int]] = field(default_factory=dict)
     preempted: bool = False
 
 
 class Scheduler:
-    def __init__(self, model: CompiledModel):
+    def __init__(self, model: CompiledModel, speculators: Callable[[], Speculator] | None = None):
         self.model = model
+        self.speculators = speculators
         self.cache = model.cache
         self.prefix = model.prefix
         self.prefix.clear()  # what the engine left cached: the pages count from an empty cache
@@ -115,6 +124,9 @@ class Scheduler:
         self._preemptions = 0
         self.stats = SchedulerStats(pages_total=self.pages_total)
 
+    def _speculator(self) -> Speculator | None:
+        return self.speculators() if self.speculators else None
+
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -130,8 +142,8 @@ class Scheduler:
             self.check_fits(len(each.prompt_ids), each.params.max_tokens)
             if each.prompt_ids != request.prompt_ids:
                 raise LlmcError("the requests added together must have the same prompt")
-        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i)
-                                                          for i, s in enumerate(siblings)])
+        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i, speculator=self._speculator())
+                                                          for i, s in enumerate(siblings)], speculator=self._speculator())
         self._arrivals += 1 + len(siblings)
         self.waiting.append(entry)
         self._snapshot()
@@ -154,27 +166,32 @@ class Scheduler:
             self._snapshot()
             return []
         entries = list(plan.counts)
-        chunks = [entry.tokens[entry.cached:entry.cached + plan.counts[entry]] for entry in entries]
+        drafts = [plan.drafts.get(entry, []) for entry in entries]
+        chunks = [entry.tokens[entry.cached:entry.cached + plan.counts[entry] - len(draft)] + draft
+                  for entry, draft in zip(entries, drafts)]
+        rows = [1 + len(draft) for draft in drafts]
         try:
-            logits = self.model.step([entry.seq_id for entry in entries], chunks)
+            logits = self.model.step([entry.seq_id for entry in entries], chunks, rows)
         except Exception as error:  # TVM raises its own errors; the batch's KV state is unknown after one
             for entry in entries:
                 self._drop(entry)
             self._snapshot()
             raise StepFailed([entry.request for entry in entries], error) from error
         outputs: list[tuple[Request, Delta | RequestFailed]] = []
-        for entry, row in zip(entries, logits):
-            entry.cached += plan.counts[entry]
-            if entry.cached // self.cache.page_size > (entry.cached - plan.counts[entry]) // self.cache.page_size:
-                self.prefix.computed(entry.seq_id, entry.tokens[:entry.cached])  # a page is full: share it
+        ends = np.cumsum(rows)
+        for entry, draft, end, count in zip(entries, drafts, ends, rows):
+            before = entry.cached
+            entry.cached += plan.counts[entry] - len(draft)  # and the drafts it keeps, in `_accept`
             if entry.pending == 0:
-                outputs += self._fork_siblings(entry, row)
+                outputs += self._fork_siblings(entry, logits[end - 1])
                 try:
-                    outputs.append((entry.request, self._accept(entry, row)))
+                    outputs.append((entry.request, self._accept(entry, logits[end - count:end], draft)))
                 except Exception as error:  # sampling, detokenization, stop strings: this request only
                     if entry in self.running:
                         self._drop(entry)
                     outputs.append((entry.request, RequestFailed(error)))
+            if entry.cached // self.cache.page_size > before // self.cache.page_size and entry in self.running:
+                self.prefix.computed(entry.seq_id, entry.tokens[:entry.cached])  # a page is full: share it
         self._snapshot()
         return outputs
 
@@ -196,7 +213,8 @@ class Scheduler:
         for entry in list(self.running):
             if entry.seq_id is None:  # preempted by an older entry in this loop
                 continue
-            want = 1 if entry.pending == 1 else min(entry.pending, prefill_budget)
+            draft = self._draft(entry, prefill_budget) if entry.pending == 1 else []
+            want = 1 + len(draft) if entry.pending == 1 else min(entry.pending, prefill_budget)
             if want == 0:
                 continue
             count = self._fitting(entry, want, plan.free_pages)
@@ -210,8 +228,11 @@ class Scheduler:
                 self._preempt(entry)
                 plan.preempted = True
                 continue
-            if want > 1:
+            if entry.pending > 1:
                 prefill_budget -= count
+            elif count > 1:
+                plan.drafts[entry] = draft[:count - 1]
+                prefill_budget -= count - 1
             self._plan(plan, entry, count)
 
     def _admit_waiting(self, plan: _Plan) -> None:
@@ -233,6 +254,16 @@ class Scheduler:
             entry.seq_id, entry.cached = self.prefix.start(entry.tokens, match)
             _insert_by_arrival(self.running, entry)
             self._plan(plan, entry, count)
+
+    def _draft(self, entry: _Entry, budget: int) -> list[int]:
+        """Tokens the entry's drafter proposes for this step, within the step's budget, the request's
+        max_tokens and the context."""
+        if entry.speculator is None:
+            return []
+        request = entry.request
+        room = min(budget, request.params.max_tokens - len(request.output_ids) - 1,
+                   self.max_sequence_tokens - len(entry.tokens))
+        return entry.speculator.draft(entry.tokens, room, self.model.step_cost) if room > 0 else []
 
     def _plan(self, plan: _Plan, entry: _Entry, count: int) -> None:
         plan.counts[entry] = count
@@ -271,7 +302,7 @@ class Scheduler:
             sibling.seq_id, sibling.cached = self.prefix.start(sibling.tokens, Match(entry.seq_id, length))
             _insert_by_arrival(self.running, sibling)
             try:
-                outputs.append((sibling.request, self._accept(sibling, logits_row)))
+                outputs.append((sibling.request, self._accept(sibling, logits_row[np.newaxis], [])))
             except Exception as error:  # as in `step`: this request only
                 if sibling in self.running:
                     self._drop(sibling)
@@ -297,6 +328,8 @@ class Scheduler:
             heir, *rest = entry.siblings
             heir.siblings, entry.siblings = rest, []
             _insert_by_arrival(self.waiting, heir)
+        if entry.speculator is not None:
+            entry.speculator.close()
         if entry.seq_id is None:
             self.waiting.remove(entry)
             return
@@ -306,10 +339,17 @@ class Scheduler:
             self.prefix.remove(entry.seq_id)
         self.running.remove(entry)
 
-    def _accept(self, entry: _Entry, logits_row) -> Delta:
+    def _accept(self, entry: _Entry, logits, draft: list[int]) -> Delta:
+        """Pick the entry's next tokens from its rows of logits; roll back the drafts it does not keep."""
         request = entry.request
         before = len(request.output_ids)
-        text = request.accept(logits_row)
+        if draft:
+            text, kept = request.accept_drafted(logits, draft)
+            entry.cached += kept
+            self.cache.truncate(entry.seq_id, entry.cached)
+            entry.speculator.feedback(len(draft), kept)
+        else:
+            text = request.accept(logits[0])
         self._generated += len(request.output_ids) - before
         if request.done:
             self._drop(entry, finished=True)

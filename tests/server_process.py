@@ -17,6 +17,7 @@ import llmc
 from llmc.runtime.async_engine import AsyncEngine
 from llmc.runtime.model import CacheSettings
 from llmc.runtime.server import ServerLimits, create_app
+from llmc.runtime.speculation import Speculation
 
 MODEL = "tiny-chat"
 
@@ -24,9 +25,11 @@ MODEL = "tiny-chat"
 class ServerThread:
     """The server app in uvicorn on a free loopback port, in a thread of this process."""
 
-    def __init__(self, package: str, cache: CacheSettings, limits: ServerLimits = ServerLimits()):
+    def __init__(self, package: str, cache: CacheSettings, limits: ServerLimits = ServerLimits(),
+                 speculation: Speculation | None = None):
         self.stopped: list[BaseException] = []
-        self.engine = AsyncEngine(llmc.load(package, cache=cache), on_stop=self.stopped.append)
+        self.engine = AsyncEngine(llmc.load(package, cache=cache, speculation=speculation),
+                                  on_stop=self.stopped.append)
         config = uvicorn.Config(create_app(self.engine, MODEL, limits), host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

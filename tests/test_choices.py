@@ -37,9 +37,9 @@ def _record_prefill(monkeypatch, model) -> list[int]:
     """The token count of every sequence's chunk in every step."""
     counts, step = [], model.step
 
-    def recording(seq_ids, chunks, all_logits=False):
+    def recording(seq_ids, chunks, logit_rows=None):
         counts.extend(len(c) for c in chunks)
-        return step(seq_ids, chunks, all_logits)
+        return step(seq_ids, chunks, logit_rows)
     monkeypatch.setattr(model, "step", recording)
     return counts
 

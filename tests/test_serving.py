@@ -85,10 +85,10 @@ def _record_steps(monkeypatch, model, delay_s: float = 0.0) -> list[list[int]]:
     """Record the tokens per sequence of every model step (optionally slowing each step down)."""
     steps, step = [], model.step
 
-    def recording(seq_ids, chunks, all_logits=False):
+    def recording(seq_ids, chunks, logit_rows=None):
         steps.append([len(c) for c in chunks])
         time.sleep(delay_s)
-        return step(seq_ids, chunks, all_logits)
+        return step(seq_ids, chunks, logit_rows)
     monkeypatch.setattr(model, "step", recording)
     return steps
 
@@ -214,11 +214,11 @@ def test_a_failing_step_fails_only_its_requests(server, monkeypatch):
     step = model.step
     failures = iter([RuntimeError("simulated kernel failure")])
 
-    def failing_once(seq_ids, chunks, all_logits=False):
+    def failing_once(seq_ids, chunks, logit_rows=None):
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return step(seq_ids, chunks, all_logits)
+        return step(seq_ids, chunks, logit_rows)
     monkeypatch.setattr(model, "step", failing_once)
     response = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "the dog", "max_tokens": 4})
     assert response.status_code == 500

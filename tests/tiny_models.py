@@ -63,8 +63,9 @@ def save_chat_tokenizer(folder: Path) -> None:
                                          chat_template=CHAT_TEMPLATE).save_pretrained(folder)
 
 
-def build_chat_package(folder: Path) -> str:
-    """A tiny random Llama with the chat tokenizer, compiled for the CPU into `folder`/package."""
+def build_chat_package(folder: Path, seed: int = 0) -> str:
+    """A tiny random Llama (weights drawn with `seed`) with the chat tokenizer, compiled for the CPU into
+    `folder`/package."""
     from llmc.compiler import compile_model
 
     save_chat_tokenizer(folder / "tokenizer")
@@ -72,6 +73,6 @@ def build_chat_package(folder: Path) -> str:
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       initializer_range=0.2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return str(compile_model(model, folder / "package", tokenizer=folder / "tokenizer"))
