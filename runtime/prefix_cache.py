@@ -9,7 +9,9 @@ longest run of indexed full pages of its tokens (all but its last token, whose l
 and is forked from the sequence holding them: TVM's paged KV cache shares the pages themselves,
 counting references, so nothing is copied and a page lives while any sequence uses it.
 Retained sequences are evicted least recently used first, when pages are short; evicting one
-frees the pages that no running sequence shares. Caches that cannot fork (vulkan's) run with
+frees the pages that no running sequence shares. A running sequence also promises the full
+pages of its tokens that it has yet to compute, so that a request that begins the same way can
+wait for them (the scheduler holds it back) rather than compute them a second time. Caches that cannot fork (vulkan's) run with
 the cache off: every sequence starts empty and is removed when it ends.
 """
 
@@ -39,10 +41,12 @@ class PrefixStats:
 
 @dataclass(frozen=True)
 class Match:
-    """The longest cached prefix of some tokens: a sequence holding it (running or kept), and its length."""
+    """The longest cached prefix of some tokens: a sequence holding it (running or kept), and its length;
+    `promised` when a running sequence is computing the page after it."""
 
     seq_id: int | None
     length: int
+    promised: bool = False
 
 
 def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: int = 0) -> Iterator[int]:
@@ -61,6 +65,8 @@ class PrefixCache:
         self._index: dict[int, int] = {}  # page hash -> a sequence holding that page
         self._tokens: dict[int, list[int]] = {}  # indexed sequence -> the tokens of its indexed pages
         self._hashes: dict[int, list[int]] = {}  # indexed sequence -> the hashes of its full pages
+        self._promised: dict[int, int] = {}  # page hash -> a running sequence that will compute that page
+        self._promises: dict[int, list[int]] = {}  # running sequence -> the hashes of the pages it promised
         self._retained: OrderedDict[int, None] = OrderedDict()  # finished sequences kept; least recent first
         self._queried = self._cached = self._evictions = 0
 
@@ -77,6 +83,8 @@ class PrefixCache:
         for number, page_hash in enumerate(page_hashes(tokens[:len(tokens) - 1], page)):
             holder = self._index.get(page_hash)
             if holder is None:
+                if page_hash in self._promised:
+                    found = Match(found.seq_id, found.length, promised=True)
                 break
             found = Match(holder, (number + 1) * page)
         if found.seq_id is not None and self._tokens[found.seq_id][:found.length] != list(tokens[:found.length]):
@@ -91,10 +99,18 @@ class PrefixCache:
             self._queried += len(tokens)
             self._cached += match.length
         if match.seq_id is None:
-            return self.cache.add_sequence(), 0
-        if match.seq_id in self._retained:
-            self._retained.move_to_end(match.seq_id)
-        return self.cache.fork(match.seq_id, match.length), match.length
+            seq_id = self.cache.add_sequence()
+        else:
+            if match.seq_id in self._retained:
+                self._retained.move_to_end(match.seq_id)
+            seq_id = self.cache.fork(match.seq_id, match.length)
+        if self.enabled:
+            page = self.cache.page_size
+            promises = list(page_hashes(tokens, page))[match.length // page:]
+            self._promises[seq_id] = promises
+            for page_hash in promises:
+                self._promised.setdefault(page_hash, seq_id)
+        return seq_id, match.length
 
     def computed(self, seq_id: int, tokens: Sequence[int]) -> None:
         """A running sequence's KV now holds `tokens`: its full pages can serve other sequences at once."""
@@ -118,6 +134,12 @@ class PrefixCache:
             if self._index.get(page_hash) == seq_id:
                 del self._index[page_hash]
         self._tokens.pop(seq_id, None)
+        self._unpromise(seq_id)
+
+    def _unpromise(self, seq_id: int) -> None:
+        for page_hash in self._promises.pop(seq_id, []):
+            if self._promised.get(page_hash) == seq_id:
+                del self._promised[page_hash]
 
     def finish(self, seq_id: int, tokens: Sequence[int]) -> None:
         """A sequence whose KV holds `tokens` has ended: keep it for later prefixes (if it fills a page), or
@@ -126,6 +148,7 @@ class PrefixCache:
             self.remove(seq_id)
             return
         self.computed(seq_id, tokens)
+        self._unpromise(seq_id)
         self._retained[seq_id] = None
 
     def evict_one(self) -> bool:

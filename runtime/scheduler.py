@@ -238,11 +238,16 @@ class Scheduler:
     def _admit_waiting(self, plan: _Plan) -> None:
         """First come, first served, while the batch has room and the pages cover a chunk with one
         spare page per running sequence (so an admission does not force a preemption next step).
-        A step that had to preempt admits nothing: pages are short."""
-        while self.waiting and plan.budget > 0 and len(self.running) < self.cache.max_batch_size \
+        A request whose next page of prompt a running one is computing waits for it, and those after
+        it go first. A step that had to preempt admits nothing: pages are short."""
+        position = 0
+        while position < len(self.waiting) and plan.budget > 0 and len(self.running) < self.cache.max_batch_size \
                 and not plan.preempted:
-            entry = self.waiting[0]
+            entry = self.waiting[position]
             match = self.prefix.longest(entry.tokens)
+            if match.promised:
+                position += 1
+                continue
             # A match is whole pages, so the tokens after it need pages of their own, as from an empty sequence.
             count = self._fitting(entry, min(len(entry.tokens) - match.length, plan.budget),
                                   plan.free_pages - len(self.running))
@@ -250,7 +255,7 @@ class Scheduler:
                 if self._evict(plan):
                     continue  # the evicted sequence may have been the match: look again
                 return
-            self.waiting.pop(0)
+            self.waiting.pop(position)
             entry.seq_id, entry.cached = self.prefix.start(entry.tokens, match)
             _insert_by_arrival(self.running, entry)
             self._plan(plan, entry, count)

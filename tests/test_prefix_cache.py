@@ -92,6 +92,18 @@ def test_requests_arriving_together_share_the_pages_the_first_one_computes(chat_
     assert not engine.model.cache.lengths and engine.model.cache.free_pages() == scheduler.pages_total
 
 
+def test_requests_wait_for_the_shared_pages_another_request_is_computing(chat_package):
+    """With a step budget that would admit all six at once, the five wait one step for the first to compute the
+    shared document (nine full pages) instead of computing it five times more."""
+    prompts = _prompts(6, shared=150, own=9, seed=4)
+    engine, scheduler, expected = _scheduled(chat_package, CacheSettings(max_total_tokens=2048, max_batch_size=8,
+                                                                         prefill_chunk=512), prompts)
+    assert _run_all(scheduler, engine, prompts, GREEDY) == expected
+    assert scheduler.stats.prefix.cached_tokens == 5 * 144
+    scheduler.prefix.clear()
+    assert not engine.model.cache.lengths and engine.model.cache.free_pages() == scheduler.pages_total
+
+
 def test_cached_sequences_are_evicted_when_pages_run_short(chat_package):
     # 11 pages in all: each request holds up to 4, so the cache cannot keep many finished ones.
     prompts = _prompts(8, shared=0, own=40, seed=2)
