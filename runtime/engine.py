@@ -118,7 +118,8 @@ class Engine:
                     return
                 tokens = ids + request.output_ids
                 # Drafts past max_tokens are wasted, and their KV must fit the context.
-                room = min(self.context_length - len(tokens), request.params.max_tokens - len(request.output_ids) - 1)
+                room = min(self.context_length - len(tokens), request.params.max_tokens - len(request.output_ids) - 1,
+                           self.model.tokens_before_slow_kernels(1))
                 draft = speculator.draft(tokens, room, self.model.step_cost) if speculator and room > 0 else []
                 if not draft:
                     text = request.accept(step([request.next_input])[0])

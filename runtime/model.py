@@ -175,6 +175,15 @@ class CompiledModel:
         self.cache = self.executor.cache
         self.prefix = PrefixCache(self.cache, settings.prefix_cache)
         self.step_cost = StepCost()
+        # Steps of more tokens switch to kernels that cost much more (the CPU's matrix-matrix ones): speculation
+        # keeps decode steps within this when the package says so.
+        self._vector_step_tokens: int | None = package.target(device).get("vector_step_tokens")
+
+    def tokens_before_slow_kernels(self, step_tokens: int) -> int:
+        """How many tokens a step of `step_tokens` may gain and still run the kernels a decode step runs."""
+        if self._vector_step_tokens is None:
+            return self.context_length
+        return max(self._vector_step_tokens - step_tokens, 0)
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]

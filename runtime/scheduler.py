@@ -98,6 +98,7 @@ class _Plan:
     free_pages: int
     counts: dict[_Entry, int] = field(default_factory=dict)
     drafts: dict[_Entry, list[int]] = field(default_factory=dict)
+    draft_room: int = 0
     preempted: bool = False
 
 
@@ -210,10 +211,13 @@ class Scheduler:
         Pages go oldest first: an entry that gets none preempts the newest entries, itself last."""
         decodes = sum(1 for entry in self.running if entry.pending == 1)
         prefill_budget = plan.budget - decodes
+        # Drafts may not push a step of decodes alone onto the slow kernels; beside a prompt chunk they cost little.
+        prefilling = any(entry.pending > 1 for entry in self.running)
+        plan.draft_room = prefill_budget if prefilling else self.model.tokens_before_slow_kernels(decodes)
         for entry in list(self.running):
             if entry.seq_id is None:  # preempted by an older entry in this loop
                 continue
-            draft = self._draft(entry, prefill_budget) if entry.pending == 1 else []
+            draft = self._draft(entry, min(prefill_budget, plan.draft_room)) if entry.pending == 1 else []
             want = 1 + len(draft) if entry.pending == 1 else min(entry.pending, prefill_budget)
             if want == 0:
                 continue
@@ -233,6 +237,7 @@ class Scheduler:
             elif count > 1:
                 plan.drafts[entry] = draft[:count - 1]
                 prefill_budget -= count - 1
+                plan.draft_room -= count - 1
             self._plan(plan, entry, count)
 
     def _admit_waiting(self, plan: _Plan) -> None:

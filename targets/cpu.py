@@ -20,7 +20,7 @@ from llmc.ir import KVCacheType, Node
 from llmc.ir.dims import DECODE_TOKENS
 
 from .base import Kernel, Target
-from .cpu_kernels import attention, linear
+from .cpu_kernels import attention, linear, matmul
 from .cpu_kernels.fast_math import use_polynomial_exp
 from .cpu_kernels.parallel_loops import ParallelLoops
 from .pipeline import relax_pipeline
@@ -79,11 +79,15 @@ class CpuTarget(Target):
                 form = f"q{bits}g{group}{'f' if scales.dtype == 'float32' else ''}{'m' if has_mins else ''}"
                 return Kernel(f"linear_{form}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
                               linear.quantized_linear(n, k, bits, group, scales.dtype, has_mins, has_bias,
-                                                      has_residual))
+                                                      has_residual, self.has_vnni()))
         return None
 
     def _has_avx2(self) -> bool:
         return bool(llvm_cpu_has_features(["avx2", "fma"], self.tvm_target()))
+
+    def has_vnni(self) -> bool:
+        """AVX-512 VNNI (with 256-bit forms): the quantized GEMV sums u8 x s8 products in one instruction."""
+        return bool(llvm_cpu_has_features(["avx512vnni", "avx512vl"], self.tvm_target()))
 
     def _has_f16c(self) -> bool:
         return bool(llvm_cpu_has_features(["f16c"], self.tvm_target()))
@@ -101,4 +105,8 @@ class CpuTarget(Target):
     def describe(self) -> dict:
         target = self.tvm_target()
         extensions = {str(feature) for feature in llvm_get_cpu_features(target)} & ISA_EXTENSIONS
-        return {**super().describe(), "mcpu": self.cpu, "cpu_features": sorted(extensions)}
+        # Steps of up to this many tokens run the matrix-vector kernels, whose cost grows with each token; more
+        # switch to the matrix-matrix ones, which cost several decode steps at once (runtime/speculation.py).
+        vector_tokens = matmul.GEMV_ROWS - 1
+        return {**super().describe(), "mcpu": self.cpu, "cpu_features": sorted(extensions),
+                "vector_step_tokens": vector_tokens}

@@ -55,7 +55,13 @@ def test_quantized_matmul_kernels_with_leftover_weight_groups(weights):
     check_matmul(weights, False, False, 544)
 
 
-def check_matmul(weights: str, has_bias: bool, has_residual: bool, K: int) -> None:
+@pytest.mark.skipif(not get_target("cpu").has_vnni(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("weights", ["q8", "q4", *FORMATS])
+def test_quantized_matmul_kernels_with_vnni_match_numpy(weights):
+    check_matmul(weights, True, True, K, vnni=True)
+
+
+def check_matmul(weights: str, has_bias: bool, has_residual: bool, K: int, vnni: bool = False) -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K), dtype=np.float32)
     bias = rng.standard_normal(N, dtype=np.float32)
@@ -68,7 +74,7 @@ def check_matmul(weights: str, has_bias: bool, has_residual: bool, K: int) -> No
         q = quantize(weight, int(weights[1])) if weights in ("q4", "q8") else random_blocks(weights, rng, K)
         group = K // q.scales.shape[1]
         kernel = build(quantized_linear(N, K, q.bits, group, q.scales.dtype.name, q.mins is not None, has_bias,
-                                        has_residual))
+                                        has_residual, vnni))
         arrays = [q.codes, q.scales] + ([q.mins] if q.mins is not None else [])
         dense = dequantize(q.codes, q.scales, q.mins, q.bits)
     for rows in ROWS:
@@ -123,6 +129,36 @@ def test_ragged_prefill_attention_matches_numpy(causal):
         visible = [row + 1 if causal else n for row in range(n)]
         np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k[s], v[s], visible, 0.25),
                                    atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_paged_prefill_attention_matches_numpy(causal):
+    """Sequences of 3 and 12 new rows over 37 and 50 cached keys on pages of 16 (the first below FEW_ROWS, attending
+    row by row as decode does; the second through the transposed copy of the keys); the new rows are the last
+    keys, as TVM calls the kernel once they are appended."""
+    rng = np.random.default_rng(2)
+    page, rows, keys = 16, [3, 12], [37, 50]
+    pages_of = [-(-n // page) for n in keys]
+    pages = rng.standard_normal((sum(pages_of) + 1, 2, 2, page, 16), dtype=np.float32)
+    page_indptr = np.concatenate([[0], np.cumsum(pages_of)]).astype(np.int32)
+    page_values = rng.permutation(sum(pages_of)).astype(np.int32)
+    last = np.array([n - (p - 1) * page for n, p in zip(keys, pages_of)], np.int32)
+    q_indptr = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    q = rng.standard_normal((q_indptr[-1], 6, 16), dtype=np.float32)
+    kernel = build(attention.paged_prefill(2, 6, 16, page))
+    out = tvm.runtime.empty(q.shape[:2] + (16,), "float32", tvm.cpu())
+    lse = tvm.runtime.empty(q.shape[:2], "float32", tvm.cpu())
+    tensors = [tvm.runtime.tensor(a) for a in (q, q_indptr, pages, page_indptr, page_values, last,
+                                               np.zeros(2, np.int32), np.zeros(q.shape[0], np.int32))]
+    kernel(*tensors, out, lse, causal, 0, 1.0, 1e4, 0.25)
+    assert attention.FEW_ROWS > rows[0] and attention.FEW_ROWS <= rows[1]
+    for b, (n_rows, n_keys) in enumerate(zip(rows, keys)):
+        ordered = pages[page_values[page_indptr[b]:page_indptr[b + 1]]]  # (pages, 2, heads, page, dim)
+        k = ordered[:, 0].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
+        v = ordered[:, 1].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
+        visible = [n_keys - n_rows + row + 1 if causal else n_keys for row in range(n_rows)]
+        s = slice(q_indptr[b], q_indptr[b + 1])
+        np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k, v, visible, 0.25), atol=2e-6, rtol=0)
 
 
 def test_polynomial_exp_and_sigmoid_are_as_accurate_as_libm():

@@ -108,12 +108,19 @@ def test_speculative_greedy_equals_plain_greedy(chat_package, other_tiny_package
 
 def test_speculation_inside_continuous_batching_gives_each_request_its_plain_output(chat_package, monkeypatch):
     plain = llmc.load(chat_package, cache=NO_CACHE)
-    prompts = _prompts(6, seed=9)
+    prompts = _prompts(4, seed=9)
     expected = [plain.generate(p, GREEDY).output_ids for p in prompts]
-    engine = llmc.load(chat_package, cache=CacheSettings(max_total_tokens=2048, max_batch_size=6, prefill_chunk=48))
+    engine = llmc.load(chat_package, cache=CacheSettings(max_total_tokens=2048, max_batch_size=4, prefill_chunk=48))
     _, oracle = _speculators("oracle", chat_package, prompts[::2], expected[::2], {})
     scheduler = Scheduler(engine.model, oracle)  # half the requests find drafts, the others decode plainly
     outcomes = _record_feedback(monkeypatch)
+    decode_steps, step = [], engine.model.step
+
+    def recording(seq_ids, chunks, logit_rows=None):
+        if logit_rows and all(len(c) == rows for c, rows in zip(chunks, logit_rows)):  # decodes and drafts only
+            decode_steps.append(sum(logit_rows))
+        return step(seq_ids, chunks, logit_rows)
+    monkeypatch.setattr(engine.model, "step", recording)
     requests = [Request(p, GREEDY, engine.tokenizer, engine.eos_ids, scheduler.max_sequence_tokens) for p in prompts]
     for request in requests:
         scheduler.add(request)
@@ -123,6 +130,7 @@ def test_speculation_inside_continuous_batching_gives_each_request_its_plain_out
         widths.append(scheduler.stats.running)
     assert [r.output_ids for r in requests] == expected
     assert sum(kept for _, kept in outcomes) > 10 and max(widths) > 1
+    assert max(decode_steps) == engine.model.tokens_before_slow_kernels(0), "drafts pushed decodes onto slow kernels"
     scheduler.prefix.clear()
     assert scheduler.cache.free_pages() == scheduler.pages_total and not scheduler.cache.lengths
 

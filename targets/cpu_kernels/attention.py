@@ -23,6 +23,7 @@ from .fast_math import LOG2E, exp2
 
 BLOCK = 8
 CHAINS = 4
+FEW_ROWS = 8  # fewer new rows of a sequence than this attend to its cached keys row by row
 EMPTY = -5e4  # the log-sum-exp of no keys, as TVM's kernels write it (the merge weighs it as nothing)
 
 
@@ -230,7 +231,10 @@ def _cached_length(page_indptr, length_info, page_size, b):
 
 
 def paged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int):
+    """Few new rows (a speculative draft being checked) attend row by row as decode does: copying the whole
+    cached prefix transposed for them would cost more than all their scores."""
     attend_rows = _prefill_heads(head_dim, num_q_heads // num_kv_heads, _paged(page_size, 0), _paged(page_size, 1))
+    attend = _online_softmax(head_dim, num_q_heads // num_kv_heads, _paged(page_size, 0), _paged(page_size, 1))
 
     @T.prim_func
     def batch_prefill_paged_kv_cpu(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -255,9 +259,15 @@ def paged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size:
         for b in range(batch_size):
             rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             keys: T.let[T.int32] = _cached_length(page_indptr, length_info, page_size, b)
-            for head in T.parallel(num_q_heads):
-                attend_rows(q, q_indptr[b], rows, head, pages, page_values, page_indptr[b], keys, causal, output, lse,
-                            sm_scale)
+            if rows < FEW_ROWS:
+                for item in T.parallel(rows * num_q_heads):
+                    row: T.let[T.int32] = item // num_q_heads
+                    attend(q, q_indptr[b] + row, item % num_q_heads, pages, page_values, page_indptr[b],
+                           _visible(causal, keys, rows, row), output, lse, sm_scale)
+            else:
+                for head in T.parallel(num_q_heads):
+                    attend_rows(q, q_indptr[b], rows, head, pages, page_values, page_indptr[b], keys, causal, output,
+                                lse, sm_scale)
     return opaque(batch_prefill_paged_kv_cpu)
 
 

@@ -64,11 +64,12 @@ def linear_float(n: int, k: int, weight_dtype: str, has_bias: bool, has_residual
 
 @functools.lru_cache(maxsize=None)
 def quantized_linear(n: int, k: int, bits: int, group: int, scale_dtype: str, has_mins: bool, has_bias: bool,
-                     has_residual: bool):
-    """`quantized_linear` on an (n, k) grouped weight of the given form (ir/quant_formats.py)."""
+                     has_residual: bool, vnni: bool = False):
+    """`quantized_linear` on an (n, k) grouped weight of the given form (ir/quant_formats.py); `vnni` when the
+    processor has AVX-512 VNNI."""
     blocks = k // matmul.GROUP
     half = matmul.GROUP // 2
-    gemv = matmul.int8_gemv(n, k, bits, group, has_mins)
+    gemv = matmul.int8_gemv(n, k, bits, group, has_mins, vnni)
     NR = matmul.panel_width(n)
     codes_shape = (n, k // 2) if bits == 4 else (n, k)
     codes_dtype = "uint8" if bits == 4 else "int8"
