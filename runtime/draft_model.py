@@ -4,7 +4,8 @@ The draft model keeps its own paged KV cache, one sequence per target sequence. 
 rolls its sequence back to the longest prefix it shares with the target's tokens (what the
 target rejected last step is dropped), runs the tokens it lacks, then decodes greedily, one
 token a step. A draft model that fails (its cache is full, say) drafts nothing: the target
-decodes as if there were no drafter.
+decodes as if there were no drafter, and the draft model rests for a while. Drafts end at the
+first token past the target's vocabulary (a padded one).
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import numpy as np
 
 from .model import CompiledModel
 
+REST_AFTER_FAILURE = 64  # proposals skipped after the draft model fails
+
 
 class DraftModelDrafter:
-    def __init__(self, model: CompiledModel):
+    def __init__(self, model: CompiledModel, target_vocab_size: int):
         self.model = model
         self.cache = model.cache
+        self.target_vocab_size = target_vocab_size
         self._seq_id: int | None = None
         self._tokens: list[int] = []  # what the draft model's KV holds
+        self._resting = 0
 
     def _sync(self, tokens: Sequence[int]) -> np.ndarray:
         """Make the draft KV hold `tokens` (reusing the prefix it has); the logits after the last of them."""
@@ -41,19 +46,23 @@ class DraftModelDrafter:
         return logits[0]
 
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
+        if self._resting > 0:
+            self._resting -= 1
+            return []
         if limit <= 0 or len(tokens) + limit > self.model.context_length:
             return []
         try:
             logits = self._sync(tokens)
             drafts = [int(np.argmax(logits))]
-            while len(drafts) < limit:
+            while len(drafts) < limit and drafts[-1] < self.target_vocab_size:
                 logits = self.model.step([self._seq_id], [[drafts[-1]]])[0]
                 self._tokens.append(drafts[-1])
                 drafts.append(int(np.argmax(logits)))
-            return drafts
-        except Exception:  # TVM's own errors too (no free page): start over next time, draft nothing now
+        except Exception:  # TVM's own errors too (no free page): start over later, draft nothing now
             self.close()
+            self._resting = REST_AFTER_FAILURE
             return []
+        return drafts[:next((i for i, t in enumerate(drafts) if t >= self.target_vocab_size), len(drafts))]
 
     def close(self) -> None:
         if self._seq_id is not None:

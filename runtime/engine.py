@@ -21,7 +21,7 @@ from .model import CacheSettings, CompiledModel, ContextOverflow, check_fits
 from .package import Package
 from .request import Generation, Request
 from .sampling import SamplingParams
-from .speculation import Speculation, speculators
+from .speculation import Speculation, speculates, speculators
 from .tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -99,7 +99,7 @@ class Engine:
         seq_id, cached = prefix.start(ids)
         finished = False
 
-        speculator = self.speculators() if self.speculators else None
+        speculator = self.speculators() if self.speculators and speculates(request.params) else None
 
         def step(tokens: list[int], rows: int = 1):
             length = cache.lengths[seq_id]

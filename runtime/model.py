@@ -2,7 +2,7 @@
 
 `CompiledModel.step` runs the tokens of several sequences at once (chunks of prompt
 for some, single tokens for others), appending to the paged KV cache, and returns the
-logits of the last token of each sequence, or of every token when asked. Batches whose
+logits of the last token of each sequence, or of its last few (a speculative draft's). Batches whose
 sequences all add one token go to the `decode` entry point; the rest to `prefill`. An
 executor runs the entry points: TVM's VM for TVM libraries, wgpu for vulkan packages.
 """
@@ -28,6 +28,7 @@ from .webgpu_model import WebGPUExecutor
 
 # The VM's allocator kinds (TVM's runtime/vm/memory_manager.h).
 POOLED_ALLOCATOR = 2
+MAX_DRAFT_STEP_TOKENS = 17  # the longest step whose cost speculation measures, where the package sets no limit
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,20 @@ class CacheSettings:
 
 
 class StepCost:
-    """What a step costs: a line fitted to the time of recent steps of up to LONGEST tokens (recent ones weigh
+    """What a step costs: a line fitted to the time of recent steps of up to `longest` tokens (recent ones weigh
     more; on a CPU each token of a small step costs about the same, whichever sequence it belongs to), as
     seconds for one token (`decode_s`) and the extra per token beyond it as a fraction of that
     (`extra_per_token`): what checking a speculative draft costs (runtime/speculation.py)."""
 
     MEMORY = 0.95
     UNMEASURED = 0.5  # a guess between a float model (about 0.15 on a CPU) and an int8-activation one (0.6)
-    LONGEST = 17  # steps of more tokens are prompt chunks, not drafts
 
-    def __init__(self):
+    def __init__(self, longest: int):
+        self.longest = longest  # steps of more tokens are prompt chunks, or run other kernels
         self._sums = np.zeros(5)  # weights, x, y, x^2, x.y over recent steps; x: tokens beyond the first
 
     def record(self, tokens: int, seconds: float) -> None:
-        if tokens <= self.LONGEST:
+        if tokens <= self.longest:
             x = tokens - 1
             self._sums = self.MEMORY * self._sums + np.array([1.0, x, seconds, x * x, x * seconds])
 
@@ -174,10 +175,10 @@ class CompiledModel:
                                  settings.prefill_chunk)
         self.cache = self.executor.cache
         self.prefix = PrefixCache(self.cache, settings.prefix_cache)
-        self.step_cost = StepCost()
         # Steps of more tokens switch to kernels that cost much more (the CPU's matrix-matrix ones): speculation
         # keeps decode steps within this when the package says so.
         self._vector_step_tokens: int | None = package.target(device).get("vector_step_tokens")
+        self.step_cost = StepCost(self._vector_step_tokens or MAX_DRAFT_STEP_TOKENS)
 
     def tokens_before_slow_kernels(self, step_tokens: int) -> int:
         """How many tokens a step of `step_tokens` may gain and still run the kernels a decode step runs."""
@@ -210,13 +211,15 @@ class CompiledModel:
         started = time.perf_counter()
         try:
             if all(c == 1 for c in counts):
-                return self.executor.decode(tokens, positions)
-            ends = np.cumsum(counts)
-            rows = np.concatenate([np.arange(end - want, end) for end, want in zip(ends, wanted)])
-            return self.executor.prefill(tokens, positions, rows)
+                logits = self.executor.decode(tokens, positions)
+            else:
+                ends = np.cumsum(counts)
+                rows = np.concatenate([np.arange(end - want, end) for end, want in zip(ends, wanted)])
+                logits = self.executor.prefill(tokens, positions, rows)
         finally:
             self.cache.end(seq_ids, counts)
-            self.step_cost.record(len(tokens), time.perf_counter() - started)
+        self.step_cost.record(len(tokens), time.perf_counter() - started)
+        return logits
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after every token of `tokens` (len, vocab), in a sequence of its own."""

@@ -12,6 +12,7 @@ tokens' log-probabilities only.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -234,7 +235,8 @@ class Choice:
 
     @property
     def mean_logprob(self) -> float:
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+        """The log-probability per token, what `best_of` ranks by (a choice with no token ranks last)."""
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else -math.inf
 
 
 @dataclass

@@ -61,7 +61,7 @@ def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: in
 class PrefixCache:
     def __init__(self, cache: Any, enabled: bool = True):
         self.cache = cache
-        self.enabled = enabled and hasattr(cache, "fork")
+        self.enabled = enabled and self.can_fork
         self._index: dict[int, int] = {}  # page hash -> a sequence holding that page
         self._tokens: dict[int, list[int]] = {}  # indexed sequence -> the tokens of its indexed pages
         self._hashes: dict[int, list[int]] = {}  # indexed sequence -> the hashes of its full pages
@@ -69,6 +69,11 @@ class PrefixCache:
         self._promises: dict[int, list[int]] = {}  # running sequence -> the hashes of the pages it promised
         self._retained: OrderedDict[int, None] = OrderedDict()  # finished sequences kept; least recent first
         self._queried = self._cached = self._evictions = 0
+
+    @property
+    def can_fork(self) -> bool:
+        """Whether the KV cache can start a sequence on another's pages (vulkan's cannot)."""
+        return hasattr(self.cache, "fork")
 
     @property
     def stats(self) -> PrefixStats:
@@ -121,7 +126,8 @@ class PrefixCache:
             return
         for page_hash in page_hashes(tokens, page, len(known), known[-1] if known else 0):
             known.append(page_hash)
-            self._index[page_hash] = seq_id
+            self._index.setdefault(page_hash, seq_id)
+            self._promised.pop(page_hash, None)  # computed: nobody needs to wait for it any more
         self._tokens[seq_id] = list(tokens[:len(known) * page])
 
     def remove(self, seq_id: int) -> None:

@@ -31,7 +31,7 @@ from llmc.errors import LlmcError
 from .model import CompiledModel, check_fits
 from .prefix_cache import Match, PrefixStats
 from .request import Request
-from .speculation import Speculator
+from .speculation import Speculator, speculates
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class Scheduler:
         self._preemptions = 0
         self.stats = SchedulerStats(pages_total=self.pages_total)
 
-    def _speculator(self) -> Speculator | None:
-        return self.speculators() if self.speculators else None
+    def _speculator(self, request: Request) -> Speculator | None:
+        return self.speculators() if self.speculators and speculates(request.params) else None
 
     @property
     def has_work(self) -> bool:
@@ -143,8 +143,9 @@ class Scheduler:
             self.check_fits(len(each.prompt_ids), each.params.max_tokens)
             if each.prompt_ids != request.prompt_ids:
                 raise LlmcError("the requests added together must have the same prompt")
-        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i, speculator=self._speculator())
-                                                          for i, s in enumerate(siblings)], speculator=self._speculator())
+        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i, speculator=self._speculator(s))
+                                                          for i, s in enumerate(siblings)],
+                       speculator=self._speculator(request))
         self._arrivals += 1 + len(siblings)
         self.waiting.append(entry)
         self._snapshot()
@@ -211,9 +212,10 @@ class Scheduler:
         Pages go oldest first: an entry that gets none preempts the newest entries, itself last."""
         decodes = sum(1 for entry in self.running if entry.pending == 1)
         prefill_budget = plan.budget - decodes
-        # Drafts may not push a step of decodes alone onto the slow kernels; beside a prompt chunk they cost little.
-        prefilling = any(entry.pending > 1 for entry in self.running)
-        plan.draft_room = prefill_budget if prefilling else self.model.tokens_before_slow_kernels(decodes)
+        # Prompts go first: drafts only in steps of decodes alone, with nobody waiting, and within the tokens that
+        # keep such a step on the kernels a decode step runs.
+        prompts = self.waiting or any(entry.pending > 1 for entry in self.running)
+        plan.draft_room = 0 if prompts else self.model.tokens_before_slow_kernels(decodes)
         for entry in list(self.running):
             if entry.seq_id is None:  # preempted by an older entry in this loop
                 continue
@@ -299,14 +301,15 @@ class Scheduler:
     # -- state changes -----------------------------------------------------------------------------------
     def _fork_siblings(self, entry: _Entry, logits_row) -> list[tuple[Request, Delta | RequestFailed]]:
         """Start the entry's siblings from its computed prompt, each taking its first token from the
-        same logits; a sibling that finds no room in the batch or no page for the fork waits instead
-        (and later starts from the prefix cache)."""
+        same logits; a sibling that finds no room in the batch or no page for the fork, or a cache that
+        cannot fork, waits instead (and later starts from the prefix cache, or computes the prompt)."""
         siblings, entry.siblings = entry.siblings, []
         length, outputs = entry.cached, []
         fork_pages = 1 if length % self.cache.page_size else 0  # a fork within a page copies that page
         for sibling in siblings:
             self.prefix.make_room(fork_pages)
-            if len(self.running) >= self.cache.max_batch_size or self.cache.free_pages() < fork_pages:
+            if not self.prefix.can_fork or len(self.running) >= self.cache.max_batch_size or \
+                    self.cache.free_pages() < fork_pages:
                 _insert_by_arrival(self.waiting, sibling)
                 continue
             sibling.seq_id, sibling.cached = self.prefix.start(sibling.tokens, Match(entry.seq_id, length))
@@ -325,6 +328,8 @@ class Scheduler:
         before = self.cache.free_pages()
         self.prefix.remove(entry.seq_id)
         freed = self.cache.free_pages() - before
+        if entry.speculator is not None:
+            entry.speculator.close()  # a draft model's KV too: pages are short
         self.running.remove(entry)
         entry.seq_id, entry.cached = None, 0
         _insert_by_arrival(self.waiting, entry)

@@ -26,6 +26,7 @@ from .draft_model import DraftModelDrafter
 from .model import CacheSettings, CompiledModel, StepCost
 from .ngram_drafter import NgramDrafter
 from .package import Package
+from .sampling import SamplingParams
 
 DEFAULT_DRAFT_TOKENS = 5
 MAX_DRAFT_TOKENS = 16
@@ -66,6 +67,13 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request may decode speculatively: greedy ones, and sampled ones without a seed (with a seed,
+    checking drafts would draw other random numbers than plain decoding, and the same seed must give the same
+    text)."""
+    return params.greedy or params.seed is None
+
+
 def expected_tokens(acceptance: float, drafted: int) -> float:
     """Tokens a step yields with `drafted` drafts, each kept (after the ones before it) with probability
     `acceptance`: 1 + a + a^2 + ... + a^drafted."""
@@ -100,7 +108,6 @@ class Speculator:
         if count == 0:
             self._idle_steps += 1
             if self._idle_steps < PROBE_AFTER_STEPS:
-                self.drafter.propose(tokens, 0)  # keeps a prompt-lookup index current
                 return []
             count = 1
         drafts = self.drafter.propose(tokens, min(count, room))
@@ -125,8 +132,8 @@ def speculators(speculation: Speculation, target: CompiledModel, device: str) ->
 
     def draft_cost() -> float:
         mine, theirs = draft.step_cost.decode_s, target.step_cost.decode_s
-        return UNMEASURED_DRAFT_COST if mine is None or theirs is None else mine / theirs
-    return lambda: Speculator(DraftModelDrafter(draft), speculation.draft_tokens, draft_cost)
+        return mine / theirs if mine and theirs and mine > 0 and theirs > 0 else UNMEASURED_DRAFT_COST
+    return lambda: Speculator(DraftModelDrafter(draft, target.vocab_size), speculation.draft_tokens, draft_cost)
 
 
 def _draft_model(path: Path, target: CompiledModel, device: str) -> CompiledModel:

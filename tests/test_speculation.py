@@ -34,6 +34,9 @@ def other_tiny_package(tmp_path_factory) -> str:
 
 
 def _record_feedback(monkeypatch) -> list[tuple[int, int]]:
+    """Record each check's (drafted, kept); steps cost a fixed 0.1 of a decode per extra token, so that how much is
+    drafted does not depend on the machine's timings."""
+    monkeypatch.setattr(StepCost, "extra_per_token", property(lambda self: 0.1))
     outcomes, feedback = [], Speculator.feedback
 
     def recording(self, drafted, kept):
@@ -168,7 +171,7 @@ class _Wrong:
 
 
 def test_drafting_stops_when_it_does_not_pay_and_probes_now_and_then():
-    cost = StepCost()
+    cost = StepCost(longest=7)
     for tokens, seconds in ((1, 0.010), (3, 0.013), (1, 0.010), (5, 0.016)):  # 0.15 of a decode per extra token
         cost.record(tokens, seconds)
     assert abs(cost.extra_per_token - 0.15) < 1e-6 and abs(cost.decode_s - 0.010) < 1e-9

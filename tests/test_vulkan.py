@@ -166,6 +166,23 @@ def test_continuous_batching_with_a_small_cache_gives_each_request_its_tokens(pa
 
 
 @needs_vulkan
+def test_several_choices_for_one_prompt_on_a_cache_that_cannot_fork(package):
+    """n > 1 where the KV cache cannot fork (vulkan's): the other choices compute the prompt themselves."""
+    cpu = llmc.load(package("mistral_untied"))
+    vulkan = llmc.load(package("mistral_untied"), device="vulkan",
+                       cache=CacheSettings(max_total_tokens=256, max_batch_size=4, prefill_chunk=16))
+    prompt = _prompt(40, 13)
+    params = [SamplingParams(max_tokens=6, ignore_eos=True)] * 3  # greedy: vulkan's float sums differ a little
+    requests = [Request(prompt, p, None, [], vulkan.context_length) for p in params]
+    scheduler = Scheduler(vulkan.model)
+    scheduler.add(requests[0], requests[1:])
+    while scheduler.has_work:
+        scheduler.step()
+    assert [r.output_ids for r in requests] == [cpu.generate(prompt, p).output_ids for p in params]
+    assert vulkan.model.cache.free_pages() == vulkan.model.cache.total_pages()
+
+
+@needs_vulkan
 def test_llmc_run_on_the_vulkan_device(package):
     def run(device: str) -> dict:
         result = subprocess.run([sys.executable, "-m", "llmc.cli", "run", package("llama_gqa_untied"),
