@@ -3,8 +3,8 @@
 `llmc.compile(model, output, targets)` turns a model (built-in name, GGUF file, Hugging
 Face folder or PyTorch module) into a package directory; `llmc.load(package)` loads
 one and returns an engine with `forward`, `generate`, `stream` and `chat`, which take
-`SamplingParams` (`speculation=Speculation()` decodes with prompt-lookup drafts). Loading and running need only the runtime install; compiling needs the
-`compiler` extra.
+`SamplingParams` (`speculation=Speculation()` decodes with prompt-lookup drafts). Loading
+and running need only the runtime install; compiling needs the `compiler` extra.
 """
 
 from llmc.errors import LlmcError

@@ -116,18 +116,14 @@ class Engine:
                 if request.done:
                     finished = True
                     return
-                tokens = ids + request.output_ids
-                # Drafts past max_tokens are wasted, and their KV must fit the context.
-                room = min(self.context_length - len(tokens), request.params.max_tokens - len(request.output_ids) - 1,
-                           self.model.tokens_before_slow_kernels(1))
-                draft = speculator.draft(tokens, room, self.model.step_cost) if speculator and room > 0 else []
+                draft = speculator.draft_for(request, self.context_length, self.model.tokens_before_slow_kernels(1),
+                                             self.model.step_cost) if speculator else []
                 if not draft:
                     text = request.accept(step([request.next_input])[0])
                     continue
                 length = cache.lengths[seq_id]
-                text, kept = request.accept_drafted(step([request.next_input, *draft], len(draft) + 1), draft)
+                text, kept = speculator.check(request, step([request.next_input, *draft], len(draft) + 1), draft)
                 cache.truncate(seq_id, length + 1 + kept)
-                speculator.feedback(len(draft), kept)
         finally:
             if speculator is not None:
                 speculator.close()

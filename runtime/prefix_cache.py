@@ -11,8 +11,9 @@ counting references, so nothing is copied and a page lives while any sequence us
 Retained sequences are evicted least recently used first, when pages are short; evicting one
 frees the pages that no running sequence shares. A running sequence also promises the full
 pages of its tokens that it has yet to compute, so that a request that begins the same way can
-wait for them (the scheduler holds it back) rather than compute them a second time. Caches that cannot fork (vulkan's) run with
-the cache off: every sequence starts empty and is removed when it ends.
+wait for them (the scheduler holds it back) rather than compute them a second time. Caches
+that cannot fork (vulkan's) run with the cache off: every sequence starts empty and is removed
+when it ends.
 """
 
 from __future__ import annotations

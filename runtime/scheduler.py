@@ -143,9 +143,8 @@ class Scheduler:
             self.check_fits(len(each.prompt_ids), each.params.max_tokens)
             if each.prompt_ids != request.prompt_ids:
                 raise LlmcError("the requests added together must have the same prompt")
-        entry = _Entry(request, self._arrivals, siblings=[_Entry(s, self._arrivals + 1 + i, speculator=self._speculator(s))
-                                                          for i, s in enumerate(siblings)],
-                       speculator=self._speculator(request))
+        followers = [_Entry(s, self._arrivals + 1 + i, speculator=self._speculator(s)) for i, s in enumerate(siblings)]
+        entry = _Entry(request, self._arrivals, siblings=followers, speculator=self._speculator(request))
         self._arrivals += 1 + len(siblings)
         self.waiting.append(entry)
         self._snapshot()
@@ -268,14 +267,10 @@ class Scheduler:
             self._plan(plan, entry, count)
 
     def _draft(self, entry: _Entry, budget: int) -> list[int]:
-        """Tokens the entry's drafter proposes for this step, within the step's budget, the request's
-        max_tokens and the context."""
+        """Tokens the entry's drafter proposes for this step, within `budget`."""
         if entry.speculator is None:
             return []
-        request = entry.request
-        room = min(budget, request.params.max_tokens - len(request.output_ids) - 1,
-                   self.max_sequence_tokens - len(entry.tokens))
-        return entry.speculator.draft(entry.tokens, room, self.model.step_cost) if room > 0 else []
+        return entry.speculator.draft_for(entry.request, self.max_sequence_tokens, budget, self.model.step_cost)
 
     def _plan(self, plan: _Plan, entry: _Entry, count: int) -> None:
         plan.counts[entry] = count
@@ -359,10 +354,9 @@ class Scheduler:
         request = entry.request
         before = len(request.output_ids)
         if draft:
-            text, kept = request.accept_drafted(logits, draft)
+            text, kept = entry.speculator.check(request, logits, draft)
             entry.cached += kept
             self.cache.truncate(entry.seq_id, entry.cached)
-            entry.speculator.feedback(len(draft), kept)
         else:
             text = request.accept(logits[0])
         self._generated += len(request.output_ids) - before

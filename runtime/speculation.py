@@ -26,6 +26,7 @@ from .draft_model import DraftModelDrafter
 from .model import CacheSettings, CompiledModel, StepCost
 from .ngram_drafter import NgramDrafter
 from .package import Package
+from .request import Request
 from .sampling import SamplingParams
 
 DEFAULT_DRAFT_TOKENS = 5
@@ -114,6 +115,20 @@ class Speculator:
         if drafts:
             self._idle_steps = 0
         return drafts
+
+    def draft_for(self, request: Request, context: int, limit: int, step_cost: StepCost) -> list[int]:
+        """Drafts for the request's next step: at most `limit`, none past its max_tokens (they would be wasted)
+        or past `context` tokens in its sequence (their KV must fit)."""
+        tokens = request.prompt_ids + request.output_ids
+        room = min(limit, request.params.max_tokens - len(request.output_ids) - 1, context - len(tokens))
+        return self.draft(tokens, room, step_cost) if room > 0 else []
+
+    def check(self, request: Request, logits, draft: list[int]) -> tuple[str, int]:
+        """Let the request pick its tokens from the logits of a step that ran its next input and `draft`: the text
+        made final and how many drafts it kept (the caller rolls the rest back from the KV cache)."""
+        text, kept = request.accept_drafted(logits, draft)
+        self.feedback(len(draft), kept)
+        return text, kept
 
     def feedback(self, drafted: int, kept: int) -> None:
         """`kept` of `drafted` drafts became output (the first refused one ends the run)."""

@@ -242,7 +242,8 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2_package, smollm2
     plain = llmc.load(smollm2_package, cache=NO_CACHE)
     paragraph = ("The old lighthouse stood on the northern cliff for two hundred years. Every night its keeper "
                  "climbed the narrow stairs, trimmed the wick and watched the ships pass through the strait.")
-    prompts = [f"Repeat this paragraph, replacing 'old' with 'ancient':\n\n{paragraph}", "What is the capital of France?"]
+    prompts = [f"Repeat this paragraph, replacing 'old' with 'ancient':\n\n{paragraph}",
+               "What is the capital of France?"]
     params = SamplingParams(max_tokens=48)
     expected = [plain.generate(p, params, chat=True).output_ids for p in prompts]
     outcomes = _record_feedback(monkeypatch)

@@ -262,9 +262,10 @@ def int8_gemv(n: int, k: int, bits: int, group: int, has_mins: bool, vnni: bool)
                         amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)), GROUP)))
                 for part in range(per_block):
                     xd[i, g * per_block + part] = amax[0] / T.float32(127)
-                    xs[i, g * per_block + part] = xd[i, g * per_block + part] * T.Cast("float32", T.call_llvm_pure_intrin(
+                    code_sum = T.call_llvm_pure_intrin(
                         "int32", "llvm.vector.reduce.add",
-                        T.Cast(f"int32x{group}", xq[i, T.Ramp(g * GROUP + part * group, 1, group)])))
+                        T.Cast(f"int32x{group}", xq[i, T.Ramp(g * GROUP + part * group, 1, group)]))
+                    xs[i, g * per_block + part] = xd[i, g * per_block + part] * T.Cast("float32", code_sum)
             for p in range(pairs):
                 for half in range(2):
                     for b in range(2):
