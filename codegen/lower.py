@@ -14,6 +14,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
 from llmc.ir import INPUT, PARAM, Graph, KVCacheType, LlmcError, Module, TensorType
+from llmc.ir.kv_storage import geometry, kv_storage
 from llmc.targets import OwnKVCache, Target
 
 from .prim import SymbolTable
@@ -62,20 +63,22 @@ def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[Ten
 
 
 def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_target) -> None:
+    """`create_kv_cache`: TVM's paged KV cache, described in the rows of the cache's storage (ir/kv_storage.py)."""
+    shape = geometry(kv_storage(cache.storage), cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
     names = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
     sizes = {n: tirx.Var(n, "int64") for n in names}
     params = [relax.Var(n + "_shape", relax.ShapeType([sizes[n]])) for n in names]
     with bb.function(CREATE_KV_CACHE, params):
         kv = TIRPagedKVCache(
             attn_kind="mha", **sizes, layer_partition=relax.ShapeExpr([0, cache.num_layers]),
-            num_hidden_layers=cache.num_layers, num_attention_heads=cache.num_q_heads,
-            num_key_value_heads=cache.num_kv_heads, qk_head_dim=cache.head_dim, v_head_dim=cache.head_dim,
+            num_hidden_layers=cache.num_layers, num_attention_heads=shape.q_heads,
+            num_key_value_heads=shape.kv_heads, qk_head_dim=shape.width, v_head_dim=shape.width,
             mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             # The graph applies its own rotary embedding (positions are a graph input), so the cache stores
             # keys as given and never rotates them.
             rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
-            rope_ext_factors=relax.prim_value(0), rotary_dim=cache.head_dim, enable_disaggregation=False,
-            dtype=cache.dtype, target=tvm_target)
+            rope_ext_factors=relax.prim_value(0), rotary_dim=shape.width, enable_disaggregation=False,
+            dtype=shape.dtype if cache.storage != "f32" else cache.dtype, target=tvm_target)
         created = bb.emit(kv._expr, name_hint="kv_cache")
         bb.emit_func_output(created)
 
@@ -90,18 +93,20 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
         name, dtype = refused[0]
         raise LlmcError(f"target {target.name} cannot hold {dtype} weights ({len(refused)} of them, {name} first): "
                         f"{target.refused_weight_dtypes[dtype]}. Compile with --quant f16, q8 or q4 (or f32)")
-    bb = relax.BlockBuilder()
-    caches = set()
-    kernels: dict = {}
-    own_cache = target.own_kv_cache(PAGE_SIZE)
-    for graph in module.functions.values():
-        _lower_function(bb, graph, weight_types, weight_index, target, kernels, own_cache)
-        caches.update(n.type for n in graph.inputs if isinstance(n.type, KVCacheType))
+    caches = {n.type for graph in module.functions.values() for n in graph.inputs if isinstance(n.type, KVCacheType)}
     if len(caches) > 1:
         raise LlmcError("the module's functions disagree about the KV cache they use")
-    if not caches or own_cache is not None:
+    own_cache = target.own_kv_cache(PAGE_SIZE)
+    cache = next(iter(caches), None)
+    if cache is not None and cache.storage != "f32" and (own_cache is not None or target.kv_row_kernels(cache) is None):
+        raise LlmcError(f"target {target.name} cannot store the KV cache as {cache.storage} (llmc's quantized and "
+                        "16-bit caches are CPU-only so far); compile for it with --kv-cache f32")
+    bb = relax.BlockBuilder()
+    kernels: dict = {}
+    for graph in module.functions.values():
+        _lower_function(bb, graph, weight_types, weight_index, target, kernels, own_cache)
+    if cache is None or own_cache is not None:
         return bb.get()
-    cache = caches.pop()
     _lower_kv_cache_creator(bb, cache, target.tvm_target())
     irmodule = bb.get()
     for name, func in target.kv_cache_kernels(cache, PAGE_SIZE).items():

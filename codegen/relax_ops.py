@@ -18,6 +18,7 @@ from llmc.ir import Node
 from llmc.ir import dims as D
 from llmc.ir.ops.shape import slice_bounds
 from llmc.ir.quant_formats import GROUP, input_count
+from llmc.ir.kv_storage import geometry, kv_storage
 from llmc.ir.types import KVCacheType, TensorType, numpy_dtype
 from llmc.targets import Kernel, OwnKVCache, Target
 
@@ -392,12 +393,24 @@ def _paged_attention(cx, node, args):
     def rows(x, heads):
         return relax.op.reshape(x, [tokens, heads, dim])
 
-    qkv = cx.emit(relax.op.concat([rows(q, cache_type.num_q_heads), rows(k, cache_type.num_kv_heads),
-                                   rows(v, cache_type.num_kv_heads)], axis=1), node.name + "_qkv")
-    out = cx.emit(relax.call_dps_packed(
-        "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
-        [cache, relax.prim_value(node.attrs["layer"]), relax.prim_value(float(node.attrs["scale"])), qkv],
-        out_ty=relax.TensorType((tokens, cache_type.num_q_heads, dim), cache_type.dtype)), node.name + "_out")
+    def attend(qkv, heads: int, width: int, dtype: str) -> relax.Expr:
+        return cx.emit(relax.call_dps_packed(
+            "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
+            [cache, relax.prim_value(node.attrs["layer"]), relax.prim_value(float(node.attrs["scale"])), qkv],
+            out_ty=relax.TensorType((tokens, heads, width), dtype)), node.name + "_out")
+
+    q, k, v = rows(q, cache_type.num_q_heads), rows(k, cache_type.num_kv_heads), rows(v, cache_type.num_kv_heads)
+    if cache_type.storage == "f32":
+        out = attend(cx.emit(relax.op.concat([q, k, v], axis=1), node.name + "_qkv"), cache_type.num_q_heads, dim,
+                     cache_type.dtype)
+    else:
+        # The runtime cache takes rows of its storage (ir/kv_storage.py): the target's kernels pack and unpack them.
+        shape = geometry(kv_storage(cache_type.storage), cache_type.num_q_heads, cache_type.num_kv_heads, dim)
+        pack, unpack = cx.target.kv_row_kernels(cache_type)
+        qkv = cx.call_kernel(pack, [cx.emit(x, node.name + part) for x, part in zip((q, k, v), ("_q", "_k", "_v"))],
+                             [tokens, shape.q_heads + 2 * shape.kv_heads, shape.width], shape.dtype, node.name + "_qkv")
+        out = cx.call_kernel(unpack, [attend(qkv, shape.q_heads, shape.width, shape.dtype)],
+                             [tokens, cache_type.num_q_heads, dim], "float32", node.name + "_unpacked")
     return cx.emit(relax.op.reshape(out, [1, tokens, cache_type.num_q_heads, dim]), node.name)
 
 

@@ -3,7 +3,9 @@
 It follows the runtime cache's protocol: sequences are added, each forward step names
 the sequences it appends to and how many tokens each gets (`begin_forward`), the
 tokens of those sequences are packed one after another, and every attention layer
-appends its keys and values before attending causally over the sequence so far.
+appends its keys and values before attending causally over the sequence so far. Keys and
+values are kept as the cache's storage format would give them back (ir/kv_storage.py), so a
+quantized cache has an exact reference too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import IRError
+from .kv_storage import kv_storage
 from .ops.attention import attend
 from .types import KVCacheType
 
@@ -20,6 +23,7 @@ from .types import KVCacheType
 class ReferenceKVCache:
     def __init__(self, cache_type: KVCacheType):
         self.type = cache_type
+        self.storage = kv_storage(cache_type.storage)
         self._keys: dict[int, list[np.ndarray]] = {}
         self._values: dict[int, list[np.ndarray]] = {}
         self._batch: list[tuple[int, int]] = []
@@ -48,8 +52,8 @@ class ReferenceKVCache:
         start = 0
         for seq_id, count in self._batch:
             span = slice(start, start + count)
-            keys = np.concatenate([self._keys[seq_id][layer], k[0, :, span]], axis=1)
-            values = np.concatenate([self._values[seq_id][layer], v[0, :, span]], axis=1)
+            keys = np.concatenate([self._keys[seq_id][layer], self.storage.round_trip(k[0, :, span])], axis=1)
+            values = np.concatenate([self._values[seq_id][layer], self.storage.round_trip(v[0, :, span])], axis=1)
             self._keys[seq_id][layer], self._values[seq_id][layer] = keys, values
             past = keys.shape[1] - count
             mask = np.arange(keys.shape[1])[None, :] <= past + np.arange(count)[:, None]

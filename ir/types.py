@@ -84,18 +84,21 @@ class KVCacheType:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    # How pages store keys and values (ir/kv_storage.py): f32, f16, q8 or q4.
+    storage: str = "f32"
 
     def __str__(self) -> str:
+        stored = "" if self.storage == "f32" else f", stored={self.storage}"
         return (f"kv_cache[layers={self.num_layers}, q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, {_SHORT[self.dtype]}]")
+                f"head_dim={self.head_dim}, {_SHORT[self.dtype]}{stored}]")
 
     @staticmethod
     def parse(text: str) -> "KVCacheType":
         body = text[len("kv_cache["):-1]
         parts = [p.strip() for p in body.split(",")]
-        fields = dict(p.split("=") for p in parts[:4])
+        fields = dict(p.split("=") for p in parts[:4] + parts[5:])
         return KVCacheType(int(fields["layers"]), int(fields["q_heads"]), int(fields["kv_heads"]),
-                           int(fields["head_dim"]), _LONG[parts[4]])
+                           int(fields["head_dim"]), _LONG[parts[4]], fields.get("stored", "f32"))
 
 
 Type = TensorType | KVCacheType

@@ -62,6 +62,9 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
             quant_head: Optional[str] = typer.Option(None, "--quant-head",
                                                      help="weight format of the output head (default: q8 when "
                                                           "--quant is q8 or q4, else as --quant)"),
+            kv_cache: str = typer.Option("f32", "--kv-cache",
+                                         help="how the KV cache stores keys and values: f32, f16, q8 (8-bit, "
+                                              "a scale per 32) or q4 (4-bit, a scale per 32, Hadamard-rotated)"),
             tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
                                                     help="folder or tokenizer.json to take the tokenizer from")) -> None:
     """Compile MODEL into a package directory."""
@@ -71,7 +74,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
         from llmc.passes.pipeline import PassOptions
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
-        compile_with_progress(model, output, targets, PassOptions(quant, quant_head), tokenizer)
+        compile_with_progress(model, output, targets, PassOptions(quant, quant_head, kv_cache), tokenizer)
         _stderr().print(f"wrote {output}")
     _guarded(action)
 

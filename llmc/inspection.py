@@ -59,8 +59,13 @@ def describe(module: Module, full_ir: bool = False) -> str:
         counts.pop("input", None)
         counts.pop("param", None)
         lines.append(f"  {sum(counts.values())} ops: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
-    if module.metadata.get("kv_cache"):
-        lines.append(f"\nkv cache: {module.metadata['kv_cache']}")
+    cache = module.metadata.get("kv_cache")
+    if cache:
+        f32_bytes = 2 * cache["num_layers"] * cache["num_kv_heads"] * cache["head_dim"] * 4
+        per_token = cache.get("bytes_per_token", f32_bytes)
+        lines.append(f"\nkv cache: {cache.get('storage', 'f32')}, {cache['num_layers']} layers x "
+                     f"{cache['num_kv_heads']} key/value heads x {cache['head_dim']} (queries: {cache['num_q_heads']} heads), "
+                     f"{per_token:,} bytes per token ({per_token / f32_bytes:.3f}x f32)")
     lines.append("\nweights (name, format):")
     lines += [f"  {name}  {form}" for name, form in sorted(weight_formats(module).items())]
     return "\n".join(lines)

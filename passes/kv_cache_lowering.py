@@ -16,6 +16,7 @@ GEMV schedules for it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ from llmc.ir import (Graph, GraphBuilder, KVCacheType, LlmcError, Module, Node, 
                      verify_module)
 from llmc.ir import dims as D
 from llmc.ir.graph import substitute_dims
+from llmc.ir.kv_storage import kv_storage
 
 from . import attention_patterns
 from .rewrite import Rule, builder_for, match, op, rewrite, var
@@ -175,9 +177,10 @@ def _decode(step: Graph) -> Graph:
     return Graph("decode", renamed.inputs, [out])
 
 
-def lower_kv_cache(module: Module) -> Module:
+def lower_kv_cache(module: Module, storage: str = "f32") -> Module:
     """`forward(input_ids)` -> `prefill(input_ids, positions, logit_rows, kv_cache)` and
-    `decode(input_ids, positions, kv_cache)`, both returning logits of shape (rows, vocab)."""
+    `decode(input_ids, positions, kv_cache)`, both returning logits of shape (rows, vocab). The cache
+    stores keys and values as `storage` says (ir/kv_storage.py)."""
     forward = module.functions.get("forward")
     if forward is None or len(forward.inputs) != 1 or not isinstance(forward.inputs[0].type, TensorType):
         raise KVCacheLoweringError("KV-cache lowering needs a module with forward(input_ids)")
@@ -189,6 +192,8 @@ def lower_kv_cache(module: Module) -> Module:
         raise KVCacheLoweringError("forward must return one tensor of logits (1, seq, vocab)")
     graph = rewrite(forward, attention_patterns.RULES)
     _, cache_type = _attention_layers(graph, module.weights, seq)
+    kv_storage(storage).check(cache_type.head_dim)
+    cache_type = dataclasses.replace(cache_type, storage=storage)
     builder = builder_for(graph)
     step = _step_graph(graph, cache_type, builder, seq)
     functions = {"prefill": _prefill(step, builder), "decode": _decode(step)}
@@ -197,6 +202,10 @@ def lower_kv_cache(module: Module) -> Module:
                      {**module.metadata, "kv_cache": {"num_layers": cache_type.num_layers,
                                                       "num_q_heads": cache_type.num_q_heads,
                                                       "num_kv_heads": cache_type.num_kv_heads,
-                                                      "head_dim": cache_type.head_dim, "dtype": cache_type.dtype}})
+                                                      "head_dim": cache_type.head_dim, "dtype": cache_type.dtype,
+                                                      "storage": storage,
+                                                      "bytes_per_token": kv_storage(storage).bytes_per_token(
+                                                          cache_type.num_layers, cache_type.num_kv_heads,
+                                                          cache_type.head_dim)}})
     verify_module(lowered)
     return lowered

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from llmc.ir import LlmcError, Module, verify_module
+from llmc.ir.kv_storage import kv_storage
 
 from .concat_linears import concat_linears
 from .fold_transposes import fold_transposes
@@ -18,16 +19,18 @@ from .quantize import FORMATS, SourceWeight, quantize_module
 @dataclass(frozen=True)
 class PassOptions:
     """What the user asked for at compile time: the weight format of the layers (auto: the
-    checkpoint's own; or f32, f16, q8, q4) and of the output head (by default the layers' choice,
-    but q8 when the layers are q8 or q4, as llama.cpp does)."""
+    checkpoint's own; or f32, f16, q8, q4), of the output head (by default the layers' choice,
+    but q8 when the layers are q8 or q4, as llama.cpp does) and of the KV cache (ir/kv_storage.py)."""
 
     quantization: str = "auto"
     head_quantization: str | None = None
+    kv_cache: str = "f32"
 
     def __post_init__(self) -> None:
         for value in (self.quantization, self.head_quantization):
             if value is not None and value not in FORMATS:
                 raise LlmcError(f"unknown weight format {value!r}; llmc knows {', '.join(FORMATS)}")
+        kv_storage(self.kv_cache)
 
     @property
     def head(self) -> str:
@@ -41,7 +44,8 @@ def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = No
     """The passes, in order. `sources` holds the weights a checkpoint stores quantized (GGUF blocks),
     which `auto` keeps as they are."""
     steps = [
-        ("lower attention to the paged KV cache", lower_kv_cache),
+        (f"lower attention to the paged KV cache ({options.kv_cache})",
+         lambda module: lower_kv_cache(module, options.kv_cache)),
         ("fold transposes", fold_transposes),
         ("fuse RMSNorm", fuse_rms_norm),
     ]

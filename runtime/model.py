@@ -157,6 +157,13 @@ def _weight_mismatch(message: str, package: Package, device_name: str) -> str:
             f"{device_name} library takes {expected.group(1)}")
 
 
+def default_capacity(cache: dict, context_length: int) -> int:
+    """Tokens the KV cache holds by default: as many as the memory of a float32 cache of the model's context holds
+    in the package's storage format (a q8 cache holds about 3.8 times the context, for more sequences at once)."""
+    f32_bytes = 2 * cache["num_layers"] * cache["num_kv_heads"] * cache["head_dim"] * 4
+    return context_length * f32_bytes // cache.get("bytes_per_token", f32_bytes)
+
+
 # What runs a target's libraries, by the target's `runtime`.
 EXECUTORS = {"tvm": TVMExecutor, "wgpu": WebGPUExecutor}
 
@@ -171,7 +178,7 @@ class CompiledModel:
         settings = cache or CacheSettings()
         executor = EXECUTORS[package.target(device)["executor"]]
         self.executor = executor(package, device, settings.max_batch_size,
-                                 settings.max_total_tokens or self.context_length,
+                                 settings.max_total_tokens or default_capacity(meta["kv_cache"], self.context_length),
                                  settings.prefill_chunk)
         self.cache = self.executor.cache
         self.prefix = PrefixCache(self.cache, settings.prefix_cache)

@@ -79,6 +79,12 @@ class Target(ABC):
         """Replacements for attention kernels of TVM's paged KV cache, by the name TVM gives them."""
         return {}
 
+    def kv_row_kernels(self, cache: KVCacheType) -> tuple[Kernel, Kernel] | None:
+        """For a cache not stored as float32 (ir/kv_storage.py): the kernels that pack a step's queries, keys and
+        values into the runtime cache's rows and unpack the attention output; None if this target cannot store
+        `cache.storage`."""
+        return None
+
     def tensor_dtype(self, dtype: str) -> str:
         """The dtype this target keeps tensors of `dtype` in (one without 64-bit integers narrows them)."""
         return dtype

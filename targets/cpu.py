@@ -18,9 +18,10 @@ from tvm.target.codegen import (llvm_cpu_has_features, llvm_get_cpu_features, ll
 from llmc.errors import LlmcError
 from llmc.ir import KVCacheType, Node
 from llmc.ir.dims import DECODE_TOKENS
+from llmc.ir.kv_storage import geometry, kv_storage
 
 from .base import Kernel, Target
-from .cpu_kernels import attention, linear, matmul
+from .cpu_kernels import attention, kv_pack, linear, matmul
 from .cpu_kernels.fast_math import use_polynomial_exp
 from .cpu_kernels.parallel_loops import ParallelLoops
 from .pipeline import relax_pipeline
@@ -92,15 +93,30 @@ class CpuTarget(Target):
     def _has_f16c(self) -> bool:
         return bool(llvm_cpu_has_features(["f16c"], self.tvm_target()))
 
+    def _own_attention(self, cache: KVCacheType) -> bool:
+        return cache.dtype == "float32" and attention.supported(kv_storage(cache.storage), cache.head_dim)
+
     def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
-        if cache.dtype != "float32" or not attention.supported(cache.head_dim):
+        if not self._own_attention(cache):
             return {}
-        heads = (cache.num_kv_heads, cache.num_q_heads, cache.head_dim)
+        storage = kv_storage(cache.storage)
+        heads = (storage, cache.num_kv_heads, cache.num_q_heads, cache.head_dim)
+        shape = geometry(storage, cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
         return {
             "tir_attention_prefill_ragged_cpu": attention.ragged_prefill(*heads),
             "tir_attention_prefill_cpu": attention.paged_prefill(*heads, page_size),
-            "tir_attention_decode_cpu": attention.paged_decode(*heads, page_size),
+            "tir_attention_decode_cpu": attention.paged_decode(*heads, page_size, os.cpu_count() or 1),
+            "tir_attention_merge_state_cpu": kv_pack.merge_states(shape, cache.num_q_heads, cache.head_dim),
         }
+
+    def kv_row_kernels(self, cache: KVCacheType) -> tuple[Kernel, Kernel] | None:
+        if not self._own_attention(cache):
+            return None
+        storage = kv_storage(cache.storage)
+        shape = geometry(storage, cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
+        form = f"{storage.name}_{cache.num_q_heads}x{cache.num_kv_heads}x{cache.head_dim}"
+        return (Kernel(f"kv_pack_{form}", kv_pack.pack_qkv(storage, shape, cache.num_q_heads, cache.head_dim)),
+                Kernel(f"kv_unpack_{form}", kv_pack.unpack_output(storage, shape, cache.num_q_heads, cache.head_dim)))
 
     def describe(self) -> dict:
         target = self.tvm_target()

@@ -9,10 +9,13 @@ import tvm
 
 from llmc.ir.ggml_formats import FORMATS
 from llmc.ir.quant_formats import Quantized, dequantize, quantize
+from llmc.ir.kv_storage import STORAGES
 from llmc.ir.types import numpy_dtype
 from llmc.targets import get_target
 from llmc.targets.cpu_kernels import attention
 from llmc.targets.cpu_kernels.linear import linear_float, quantized_linear
+
+F32 = STORAGES["f32"]
 
 N, K = 96, 512
 # Where each GGUF block format keeps its fp16 numbers (scales, minimums), in bytes from the block's start.
@@ -118,7 +121,7 @@ def test_ragged_prefill_attention_matches_numpy(causal):
     q = rng.standard_normal((total, 6, 16), dtype=np.float32)
     k = rng.standard_normal((total, 2, 16), dtype=np.float32)
     v = rng.standard_normal((total, 2, 16), dtype=np.float32)
-    kernel = build(attention.ragged_prefill(2, 6, 16))
+    kernel = build(attention.ragged_prefill(F32, 2, 6, 16))
     out = tvm.runtime.empty((total, 6, 16), "float32", tvm.cpu())
     lse = tvm.runtime.empty((total, 6), "float32", tvm.cpu())
     tensors = [tvm.runtime.tensor(a) for a in (q, indptr, k, v, indptr, np.zeros(total, np.int32),
@@ -145,7 +148,7 @@ def test_paged_prefill_attention_matches_numpy(causal):
     last = np.array([n - (p - 1) * page for n, p in zip(keys, pages_of)], np.int32)
     q_indptr = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
     q = rng.standard_normal((q_indptr[-1], 6, 16), dtype=np.float32)
-    kernel = build(attention.paged_prefill(2, 6, 16, page))
+    kernel = build(attention.paged_prefill(F32, 2, 6, 16, page))
     out = tvm.runtime.empty(q.shape[:2] + (16,), "float32", tvm.cpu())
     lse = tvm.runtime.empty(q.shape[:2], "float32", tvm.cpu())
     tensors = [tvm.runtime.tensor(a) for a in (q, q_indptr, pages, page_indptr, page_values, last,
@@ -159,6 +162,36 @@ def test_paged_prefill_attention_matches_numpy(causal):
         visible = [n_keys - n_rows + row + 1 if causal else n_keys for row in range(n_rows)]
         s = slice(q_indptr[b], q_indptr[b + 1])
         np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k, v, visible, 0.25), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_split_decode_attention_matches_numpy(batch):
+    """Decode over 200, 3 and 0 cached keys (pages of 16), the query heads of a key head together, with 4
+    threads: one sequence splits its keys into 4 chunks of at least 64, three sequences into 2, and the chunks'
+    partial results merge exactly; a sequence with no keys gets zeros."""
+    rng = np.random.default_rng(3)
+    page, keys = 16, [200, 3, 0][:batch]
+    pages_of = [-(-n // page) for n in keys]
+    pages = rng.standard_normal((sum(pages_of) + 1, 2, 2, page, 16), dtype=np.float32)
+    page_indptr = np.concatenate([[0], np.cumsum(pages_of)]).astype(np.int32)
+    page_values = rng.permutation(sum(pages_of)).astype(np.int32)
+    last = np.array([n - (p - 1) * page if p else 0 for n, p in zip(keys, pages_of)], np.int32)
+    q = rng.standard_normal((batch, 6, 16), dtype=np.float32)
+    kernel = build(attention.paged_decode(F32, 2, 6, 16, page, threads=4))
+    out = tvm.runtime.empty((batch, 6, 16), "float32", tvm.cpu())
+    lse = tvm.runtime.empty((batch, 6), "float32", tvm.cpu())
+    tensors = [tvm.runtime.tensor(a) for a in (q, pages, page_indptr, page_values, last, np.zeros(batch, np.int32),
+                                               np.zeros(batch, np.int32))]
+    kernel(*tensors, out, lse, 0, 1.0, 1e4, 0.25)
+    for b, n_keys in enumerate(keys):
+        ordered = pages[page_values[page_indptr[b]:page_indptr[b + 1]]]
+        k = ordered[:, 0].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
+        v = ordered[:, 1].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
+        expected = reference_attention(q[b:b + 1], k, v, [n_keys], 0.25) if n_keys else np.zeros((1, 6, 16))
+        np.testing.assert_allclose(out.numpy()[b:b + 1], expected, atol=2e-6, rtol=0)
+        if n_keys:
+            scores = np.einsum("hd,thd->ht", q[b], np.repeat(k, 3, 1)) * 0.25
+            np.testing.assert_allclose(lse.numpy()[b], np.log2(np.exp(scores).sum(-1)), atol=1e-5, rtol=0)
 
 
 def test_polynomial_exp_and_sigmoid_are_as_accurate_as_libm():

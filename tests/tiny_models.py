@@ -10,6 +10,7 @@ import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+LONG_CONTEXT_MODEL = "llama_long_context"
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
 
 CONFIGS = {
@@ -29,13 +30,17 @@ CONFIGS = {
                                                        tie_word_embeddings=True)),
     "mistral_untied": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2,
                                                          tie_word_embeddings=False)),
+    # Heads of 32 (a whole quantization group of a q8 or q4 KV cache) and an 8k context, for the KV storage
+    # and long-context tests.
+    LONG_CONTEXT_MODEL: (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                                        max_position_embeddings=8192, tie_word_embeddings=False)),
 }
-TINY_MODELS = list(CONFIGS)
+TINY_MODELS = [name for name in CONFIGS if name != LONG_CONTEXT_MODEL]
 
 
 def build_tiny(name: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
     config_class, extra = CONFIGS[name]
-    config = config_class(**_COMMON, **extra)
+    config = config_class(**{**_COMMON, **extra})
     torch.manual_seed(sum(map(ord, name)))
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                                           dtype=torch.float32)

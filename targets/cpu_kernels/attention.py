@@ -10,6 +10,15 @@ log-sum-exp that the runtime uses to merge the ragged and paged parts) and run a
 parallel, vectorised, blocked online softmax: keys are scored in blocks, each block
 rescales the running output once.
 
+Decode attends per sequence and key head: the queries of the heads that share a key head
+are scored together, so each cached key and value is read once per step, and the keys are
+split into chunks over the threads when sequences x key heads is less than twice the threads
+(Flash-Decoding); the chunks' partial results are merged exactly by their log-sum-exp.
+
+The pages may hold any storage format of ir/kv_storage.py (rows read through kv_rows); for
+formats other than float32 the runtime's query and output tensors hold float32 bytes packed
+into its rows (kv_pack), which the kernels view as float32.
+
 llmc's caches never rotate keys (the graph applies its own rotary embedding, RoPE mode
 NONE), so the rotary arguments are accepted and ignored.
 """
@@ -18,13 +27,17 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from llmc.ir.kv_storage import Geometry, KVStorage, geometry
+
 from .common import opaque
 from .fast_math import LOG2E, exp2
+from .kv_rows import RowReader, paged_loader, ragged_loader
 
 BLOCK = 8
 CHAINS = 4
 FEW_ROWS = 8  # fewer new rows of a sequence than this attend to its cached keys row by row
 EMPTY = -5e4  # the log-sum-exp of no keys, as TVM's kernels write it (the merge weighs it as nothing)
+MIN_CHUNK = 64  # decode splits a sequence's keys into chunks of at least this many
 
 
 def _sum8(buffer, base):
@@ -37,12 +50,12 @@ def _sum8(buffer, base):
 def _online_softmax(head_dim: int, group: int, key, value):
     """The blocked online-softmax loop for one query row and head, as a TVMScript macro.
 
-    `key(src_a, src_b, base, kv_head, j, lanes)` and `value(...)` are plain Python functions that
-    load 8 lanes of key/value row j from the kernel's sources (expanded while TVMScript parses)."""
+    `key(src, base, kv_head, j, d, lanes)` and `value(...)` are plain Python functions (kv_rows) that
+    load `lanes` values from d of key/value row j from the kernel's sources (expanded while TVMScript parses)."""
     vectors = head_dim // 8
 
     @T.macro
-    def attend(q, row, head, src_a, src_b, base, n_keys, out, lse, scale):
+    def attend(q, row, head, src, base, n_keys, out, lse, scale):
         query = T.alloc_buffer((head_dim,), "float32")
         acc = T.alloc_buffer((head_dim,), "float32")
         scores = T.alloc_buffer((BLOCK,), "float32")
@@ -63,7 +76,7 @@ def _online_softmax(head_dim: int, group: int, key, value):
                     for vec in T.unroll(vectors):
                         partial[T.Ramp(vec % CHAINS * 8, 1, 8)] = partial[T.Ramp(vec % CHAINS * 8, 1, 8)] + \
                             query[T.Ramp(vec * 8, 1, 8)] * \
-                            key(src_a, src_b, base, kv_head, block * BLOCK + t, T.Ramp(vec * 8, 1, 8))
+                            key(src, base, kv_head, block * BLOCK + t, vec * 8, 8)
                     for c in T.unroll(1, CHAINS):
                         partial[T.Ramp(0, 1, 8)] = partial[T.Ramp(0, 1, 8)] + partial[T.Ramp(c * 8, 1, 8)]
                     scores[t] = _sum8(partial, 0)
@@ -79,7 +92,7 @@ def _online_softmax(head_dim: int, group: int, key, value):
                     state[1] = state[1] + scores[t]
                     for vec in T.unroll(vectors):
                         acc[T.Ramp(vec * 8, 1, 8)] = acc[T.Ramp(vec * 8, 1, 8)] + T.Broadcast(scores[t], 8) * \
-                            value(src_a, src_b, base, kv_head, block * BLOCK + t, T.Ramp(vec * 8, 1, 8))
+                            value(src, base, kv_head, block * BLOCK + t, vec * 8, 8)
         if n_keys > 0:
             for vec in T.unroll(vectors):
                 out[row, head, T.Ramp(vec * 8, 1, 8)] = acc[T.Ramp(vec * 8, 1, 8)] / T.Broadcast(state[1], 8)
@@ -91,10 +104,10 @@ def _online_softmax(head_dim: int, group: int, key, value):
     return attend
 
 
-def _max8(buffer):
-    best = buffer[0]
+def _max8(buffer, base=0):
+    best = buffer[base]
     for lane in range(1, 8):
-        best = T.max(best, buffer[lane])
+        best = T.max(best, buffer[base + lane])
     return best
 
 
@@ -114,7 +127,7 @@ def _prefill_heads(head_dim: int, group: int, key, value):
     vectors = head_dim // 8
 
     @T.macro
-    def attend_rows(q, first_row, rows, head, src_a, src_b, base, n_keys, causal, out, lse, scale):
+    def attend_rows(q, first_row, rows, head, src, base, n_keys, causal, out, lse, scale):
         kv_head = head // group
         keys_t = T.alloc_buffer((head_dim * _padded(n_keys),), "float32")
         query = T.alloc_buffer((head_dim,), "float32")
@@ -125,7 +138,7 @@ def _prefill_heads(head_dim: int, group: int, key, value):
         for j in range(_padded(n_keys)):
             for d in T.unroll(head_dim):
                 keys_t[(j // BLOCK * head_dim + d) * BLOCK + j % BLOCK] = T.if_then_else(
-                    j < n_keys, key(src_a, src_b, base, kv_head, T.min(j, n_keys - 1), d), T.float32(0))
+                    j < n_keys, key(src, base, kv_head, T.min(j, n_keys - 1), d, 1), T.float32(0))
         for row in range(rows):
             visible: T.let[T.int32] = _visible(causal, n_keys, rows, row)
             for vec in T.unroll(vectors):
@@ -161,8 +174,7 @@ def _prefill_heads(head_dim: int, group: int, key, value):
                 for t in T.unroll(BLOCK):
                     for vec in T.unroll(vectors):
                         acc[T.Ramp(vec * 8, 1, 8)] = acc[T.Ramp(vec * 8, 1, 8)] + T.Broadcast(scores[t], 8) * \
-                            value(src_a, src_b, base, kv_head, T.min(block * BLOCK + t, n_keys - 1),
-                                  T.Ramp(vec * 8, 1, 8))
+                            value(src, base, kv_head, T.min(block * BLOCK + t, n_keys - 1), vec * 8, 8)
             if visible > 0:
                 for vec in T.unroll(vectors):
                     out[first_row + row, head, T.Ramp(vec * 8, 1, 8)] = \
@@ -175,28 +187,29 @@ def _prefill_heads(head_dim: int, group: int, key, value):
     return attend_rows
 
 
-def _ragged_key(k, v, base, kv_head, j, lanes):
-    return k[base + j, kv_head, lanes]
-
-
-def _ragged_value(k, v, base, kv_head, j, lanes):
-    return v[base + j, kv_head, lanes]
-
-
-def _paged(page_size: int, which: int):
-    def load(pages, page_values, base, kv_head, j, lanes):
-        return pages[page_values[base + j // page_size], which, kv_head, j % page_size, lanes]
-    return load
-
-
 def _visible(causal, kv_len, qo_len, row):
     """Keys row `row` of `qo_len` new tokens may see among `kv_len` (TVM's causal rule)."""
     limit = T.max(T.min(kv_len - qo_len + row + 1, kv_len), 0)
     return T.if_then_else(causal > 0, limit, kv_len)
 
 
-def ragged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int):
-    attend_rows = _prefill_heads(head_dim, num_q_heads // num_kv_heads, _ragged_key, _ragged_value)
+def _bytes(shape: Geometry) -> int:
+    """Bytes of one row of the runtime's query, key, value and output tensors."""
+    return shape.width * {"float32": 4, "float16": 2}.get(shape.dtype, 1)
+
+
+def _query_strides(shape: Geometry, head_dim: int) -> tuple[int, int, int]:
+    """Strides of the float32 view of the runtime's queries and outputs: a token's float32s fill its rows."""
+    return (shape.q_heads * _bytes(shape) // 4, head_dim, 1)
+
+
+def ragged_prefill(storage: KVStorage, num_kv_heads: int, num_q_heads: int, head_dim: int):
+    shape = geometry(storage, num_q_heads, num_kv_heads, head_dim)
+    reader = RowReader(storage, head_dim)
+    attend_rows = _prefill_heads(head_dim, num_q_heads // num_kv_heads, ragged_loader(reader, 0),
+                                 ragged_loader(reader, 1))
+    row_bytes = _bytes(shape)
+    strides = _query_strides(shape, head_dim)
 
     @T.prim_func
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -208,20 +221,26 @@ def ragged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int):
         batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
         q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
         q_rope_offset, k_rope_offset = T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, num_q_heads, head_dim), "float32")
+        q_rows = T.match_buffer(var_q, (qo_len, shape.q_heads, shape.width), shape.dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, num_kv_heads, head_dim), "float32")
-        v = T.match_buffer(var_v, (kv_len, num_kv_heads, head_dim), "float32")
+        k = T.match_buffer(var_k, (kv_len, num_kv_heads, shape.width), shape.dtype)
+        v = T.match_buffer(var_v, (kv_len, num_kv_heads, shape.width), shape.dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset)
         T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        output = T.match_buffer(var_output, (qo_len, num_q_heads, head_dim), "float32")
-        lse = T.match_buffer(var_lse, (qo_len, num_q_heads), "float32")
+        output_rows = T.match_buffer(var_output, (qo_len, shape.q_heads, shape.width), shape.dtype)
+        lse = T.match_buffer(var_lse, (qo_len, shape.q_heads), "float32")
+        q = T.decl_buffer((qo_len, num_q_heads, head_dim), "float32", data=q_rows.data, strides=strides)
+        output = T.decl_buffer((qo_len, num_q_heads, head_dim), "float32", data=output_rows.data,
+                                strides=strides)
+        k_scales = T.decl_buffer((kv_len, num_kv_heads, row_bytes // 2), "float16", data=k.data)
+        v_scales = T.decl_buffer((kv_len, num_kv_heads, row_bytes // 2), "float16", data=v.data)
         for b in range(batch_size):
             rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             keys: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
             for head in T.parallel(num_q_heads):
-                attend_rows(q, q_indptr[b], rows, head, k, v, kv_indptr[b], keys, causal, output, lse, sm_scale)
+                attend_rows(q, q_indptr[b], rows, head, (k, k_scales, v, v_scales), kv_indptr[b], keys, causal,
+                            output, lse, sm_scale)
     return opaque(batch_prefill_ragged_kv)
 
 
@@ -230,11 +249,16 @@ def _cached_length(page_indptr, length_info, page_size, b):
     return T.if_then_else(pages > 0, (pages - 1) * page_size + length_info[b], 0)
 
 
-def paged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int):
+def paged_prefill(storage: KVStorage, num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int):
     """Few new rows (a speculative draft being checked) attend row by row as decode does: copying the whole
     cached prefix transposed for them would cost more than all their scores."""
-    attend_rows = _prefill_heads(head_dim, num_q_heads // num_kv_heads, _paged(page_size, 0), _paged(page_size, 1))
-    attend = _online_softmax(head_dim, num_q_heads // num_kv_heads, _paged(page_size, 0), _paged(page_size, 1))
+    shape = geometry(storage, num_q_heads, num_kv_heads, head_dim)
+    reader = RowReader(storage, head_dim)
+    key, value = paged_loader(reader, page_size, 0), paged_loader(reader, page_size, 1)
+    attend_rows = _prefill_heads(head_dim, num_q_heads // num_kv_heads, key, value)
+    attend = _online_softmax(head_dim, num_q_heads // num_kv_heads, key, value)
+    row_bytes = _bytes(shape)
+    strides = _query_strides(shape, head_dim)
 
     @T.prim_func
     def batch_prefill_paged_kv_cpu(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -246,33 +270,124 @@ def paged_prefill(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size:
         batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
         q_indptr_offset, page_indptr_offset, page_values_offset = T.int32(), T.int32(), T.int32()
         k_rope_offset, q_rope_offset, length_info_offset = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, num_q_heads, head_dim), "float32")
+        q_rows = T.match_buffer(var_q, (total_len, shape.q_heads, shape.width), shape.dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, page_size, head_dim), "float32")
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, page_size, shape.width), shape.dtype)
         page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
         length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(var_output, (total_len, num_q_heads, head_dim), "float32")
-        lse = T.match_buffer(var_lse, (total_len, num_q_heads), "float32")
+        output_rows = T.match_buffer(var_output, (total_len, shape.q_heads, shape.width), shape.dtype)
+        lse = T.match_buffer(var_lse, (total_len, shape.q_heads), "float32")
+        q = T.decl_buffer((total_len, num_q_heads, head_dim), "float32", data=q_rows.data, strides=strides)
+        output = T.decl_buffer((total_len, num_q_heads, head_dim), "float32", data=output_rows.data,
+                                strides=strides)
+        page_scales = T.decl_buffer((max_num_pages, 2, num_kv_heads, page_size, row_bytes // 2), "float16",
+                                    data=pages.data)
         for b in range(batch_size):
             rows: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             keys: T.let[T.int32] = _cached_length(page_indptr, length_info, page_size, b)
             if rows < FEW_ROWS:
                 for item in T.parallel(rows * num_q_heads):
                     row: T.let[T.int32] = item // num_q_heads
-                    attend(q, q_indptr[b] + row, item % num_q_heads, pages, page_values, page_indptr[b],
-                           _visible(causal, keys, rows, row), output, lse, sm_scale)
+                    attend(q, q_indptr[b] + row, item % num_q_heads, (pages, page_scales, page_values),
+                           page_indptr[b], _visible(causal, keys, rows, row), output, lse, sm_scale)
             else:
                 for head in T.parallel(num_q_heads):
-                    attend_rows(q, q_indptr[b], rows, head, pages, page_values, page_indptr[b], keys, causal, output,
-                                lse, sm_scale)
+                    attend_rows(q, q_indptr[b], rows, head, (pages, page_scales, page_values), page_indptr[b], keys,
+                                causal, output, lse, sm_scale)
     return opaque(batch_prefill_paged_kv_cpu)
 
 
-def paged_decode(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int):
-    attend = _online_softmax(head_dim, num_q_heads // num_kv_heads, _paged(page_size, 0), _paged(page_size, 1))
+def _grouped_softmax(head_dim: int, group: int, key, value):
+    """Decode attention of the `group` query heads that share one key head, over keys [first, last) of one
+    sequence, as a TVMScript macro: each key and value row is loaded (and dequantized) once for all of them.
+    Writes the chunk's normalised output and base-2 log-sum-exp into `part_out`/`part_lse` at `split`."""
+    vectors = head_dim // 8
+
+    @T.macro
+    def attend(q, b, kv_head, src, base, first, last, part_out, part_lse, split, scale):
+        query = T.alloc_buffer((group * head_dim,), "float32")
+        acc = T.alloc_buffer((group * head_dim,), "float32")
+        row = T.alloc_buffer((head_dim,), "float32")
+        scores = T.alloc_buffer((group * BLOCK,), "float32")
+        partial = T.alloc_buffer((CHAINS * 8,), "float32")
+        state = T.alloc_buffer((2 * group,), "float32")  # per head: running max, running sum (base 2)
+        # The chunk's bounds go through memory: as let-bound expressions, TVM's simplifier would expand them into
+        # every unrolled index and take minutes.
+        span = T.alloc_buffer((2,), "int32")
+        span[0] = first
+        span[1] = last - first
+        for g in T.unroll(group):
+            for vec in T.unroll(vectors):
+                query[T.Ramp(g * head_dim + vec * 8, 1, 8)] = \
+                    q[b, kv_head * group + g, T.Ramp(vec * 8, 1, 8)] * T.Broadcast(scale * T.float32(LOG2E), 8)
+                acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+            state[2 * g] = T.float32(EMPTY)
+            state[2 * g + 1] = T.float32(0)
+        for block in range((span[1] + BLOCK - 1) // BLOCK):
+            # Keys past the chunk score EMPTY and weigh 0; their rows (clamped, in bounds) are read anyway, so the
+            # block has no branches.
+            for t in T.unroll(BLOCK):
+                for vec in T.unroll(vectors):
+                    row[T.Ramp(vec * 8, 1, 8)] = key(
+                        src, base, kv_head, span[0] + T.min(block * BLOCK + t, span[1] - 1), vec * 8, 8)
+                for g in T.unroll(group):
+                    for c in T.unroll(CHAINS):
+                        partial[T.Ramp(c * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    for vec in T.unroll(vectors):
+                        partial[T.Ramp(vec % CHAINS * 8, 1, 8)] = partial[T.Ramp(vec % CHAINS * 8, 1, 8)] + \
+                            query[T.Ramp(g * head_dim + vec * 8, 1, 8)] * row[T.Ramp(vec * 8, 1, 8)]
+                    for c in T.unroll(1, CHAINS):
+                        partial[T.Ramp(0, 1, 8)] = partial[T.Ramp(0, 1, 8)] + partial[T.Ramp(c * 8, 1, 8)]
+                    scores[g * BLOCK + t] = _sum8(partial, 0)
+            inside = T.Ramp(block * BLOCK, 1, BLOCK) < T.Broadcast(span[1], BLOCK)
+            for g in T.unroll(group):
+                scores[T.Ramp(g * BLOCK, 1, BLOCK)] = T.Select(inside, scores[T.Ramp(g * BLOCK, 1, BLOCK)],
+                                                               T.Broadcast(T.float32(EMPTY), BLOCK))
+                top: T.let[T.float32] = T.max(state[2 * g], _max8(scores, g * BLOCK))
+                rescale: T.let[T.float32] = T.exp2(state[2 * g] - top)
+                state[2 * g] = top
+                scores[T.Ramp(g * BLOCK, 1, BLOCK)] = T.Select(
+                    inside, exp2(scores[T.Ramp(g * BLOCK, 1, BLOCK)] - T.Broadcast(top, BLOCK)),
+                    T.Broadcast(T.float32(0), BLOCK))
+                state[2 * g + 1] = state[2 * g + 1] * rescale + _sum8(scores, g * BLOCK)
+                for vec in T.unroll(vectors):
+                    acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] = acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] * \
+                        T.Broadcast(rescale, 8)
+            for t in T.unroll(BLOCK):
+                for vec in T.unroll(vectors):
+                    row[T.Ramp(vec * 8, 1, 8)] = value(src, base, kv_head,
+                                                       span[0] + T.min(block * BLOCK + t, span[1] - 1), vec * 8, 8)
+                for g in T.unroll(group):
+                    for vec in T.unroll(vectors):
+                        acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] = acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] + \
+                            T.Broadcast(scores[g * BLOCK + t], 8) * row[T.Ramp(vec * 8, 1, 8)]
+        for g in T.unroll(group):
+            if span[1] > 0:
+                for vec in T.unroll(vectors):
+                    part_out[b, kv_head * group + g, split, T.Ramp(vec * 8, 1, 8)] = \
+                        acc[T.Ramp(g * head_dim + vec * 8, 1, 8)] / T.Broadcast(state[2 * g + 1], 8)
+                part_lse[b, kv_head * group + g, split] = state[2 * g] + T.log2(state[2 * g + 1])
+            else:
+                for vec in T.unroll(vectors):
+                    part_out[b, kv_head * group + g, split, T.Ramp(vec * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                part_lse[b, kv_head * group + g, split] = T.float32(EMPTY)
+    return attend
+
+
+def paged_decode(storage: KVStorage, num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int,
+                 threads: int):
+    """One new token per sequence. Work items are (sequence, key head, chunk of keys); a sequence's keys are
+    split into as many chunks as make at least 2 x `threads` items, each of at least MIN_CHUNK keys."""
+    shape = geometry(storage, num_q_heads, num_kv_heads, head_dim)
+    reader = RowReader(storage, head_dim)
+    group = num_q_heads // num_kv_heads
+    attend = _grouped_softmax(head_dim, group, paged_loader(reader, page_size, 0), paged_loader(reader, page_size, 1))
+    row_bytes = _bytes(shape)
+    strides = _query_strides(shape, head_dim)
+    max_splits = max(1, 2 * threads)
 
     @T.prim_func
     def batch_decode_paged_kv(var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
@@ -284,22 +399,54 @@ def paged_decode(num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: 
         batch_size, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
         page_indptr_offset, page_values_offset = T.int32(), T.int32()
         k_rope_offset, q_rope_offset, length_info_offset = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (batch_size, num_q_heads, head_dim), "float32")
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, page_size, head_dim), "float32")
+        q_rows = T.match_buffer(var_q, (batch_size, shape.q_heads, shape.width), shape.dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, page_size, shape.width), shape.dtype)
         page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
         length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(var_q_rope_position, (batch_size,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(var_output, (batch_size, num_q_heads, head_dim), "float32")
-        lse = T.match_buffer(var_lse, (batch_size, num_q_heads), "float32")
+        output_rows = T.match_buffer(var_output, (batch_size, shape.q_heads, shape.width), shape.dtype)
+        lse = T.match_buffer(var_lse, (batch_size, shape.q_heads), "float32")
+        q = T.decl_buffer((batch_size, num_q_heads, head_dim), "float32", data=q_rows.data, strides=strides)
+        output = T.decl_buffer((batch_size, num_q_heads, head_dim), "float32", data=output_rows.data,
+                                strides=strides)
+        page_scales = T.decl_buffer((max_num_pages, 2, num_kv_heads, page_size, row_bytes // 2), "float16",
+                                    data=pages.data)
+        part_out = T.alloc_buffer((batch_size, num_q_heads, max_splits, head_dim), "float32")
+        part_lse = T.alloc_buffer((batch_size, num_q_heads, max_splits), "float32")
+        splits: T.let[T.int32] = T.max(1, T.min(max_splits, (max_splits + batch_size * num_kv_heads - 1) //
+                                                (batch_size * num_kv_heads)))
+        for item in T.parallel(batch_size * num_kv_heads * splits):
+            b: T.let[T.int32] = item // (num_kv_heads * splits)
+            kv_head: T.let[T.int32] = item // splits % num_kv_heads
+            split: T.let[T.int32] = item % splits
+            keys: T.let[T.int32] = _cached_length(page_indptr, length_info, page_size, b)
+            chunk: T.let[T.int32] = T.max((keys + splits - 1) // splits, MIN_CHUNK)
+            attend(q, b, kv_head, (pages, page_scales, page_values), page_indptr[b], T.min(split * chunk, keys),
+                   T.min(split * chunk + chunk, keys), part_out, part_lse, split, sm_scale)
         for item in T.parallel(batch_size * num_q_heads):
-            b = item // num_q_heads
-            attend(q, b, item % num_q_heads, pages, page_values, page_indptr[b],
-                   _cached_length(page_indptr, length_info, page_size, b), output, lse, sm_scale)
+            b: T.let[T.int32] = item // num_q_heads
+            head: T.let[T.int32] = item % num_q_heads
+            top = T.alloc_buffer((2,), "float32")  # the largest log-sum-exp, then the sum of the chunks' weights
+            top[0] = T.float32(EMPTY)
+            for split in range(splits):
+                top[0] = T.max(top[0], part_lse[b, head, split])
+            top[1] = T.float32(0)
+            for vec in T.unroll(head_dim // 8):
+                output[b, head, T.Ramp(vec * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+            for split in range(splits):
+                weight: T.let[T.float32] = T.exp2(part_lse[b, head, split] - top[0])
+                top[1] = top[1] + weight
+                for vec in T.unroll(head_dim // 8):
+                    output[b, head, T.Ramp(vec * 8, 1, 8)] = output[b, head, T.Ramp(vec * 8, 1, 8)] + \
+                        T.Broadcast(weight, 8) * part_out[b, head, split, T.Ramp(vec * 8, 1, 8)]
+            for vec in T.unroll(head_dim // 8):
+                output[b, head, T.Ramp(vec * 8, 1, 8)] = output[b, head, T.Ramp(vec * 8, 1, 8)] / \
+                    T.Broadcast(top[1], 8)
+            lse[b, head] = top[0] + T.log2(top[1])
     return opaque(batch_decode_paged_kv)
 
 
-def supported(head_dim: int) -> bool:
-    return head_dim % 8 == 0
-
+def supported(storage: KVStorage, head_dim: int) -> bool:
+    return head_dim % 8 == 0 and (not storage.scaled or head_dim % 32 == 0)
