@@ -6,9 +6,10 @@ attention on), on SmolLM2-135M-Instruct's own Q4_1 GGUF and the same tokens.
 
 Each engine runs in a process of its own, in the order llmc f32, llmc f16, llama.cpp f16, llmc q8, llama.cpp
 q8_0, llmc q4, llama.cpp q4_0 (matching precisions side by side). A process prefills
-benchmarks/data/long_text.txt (the GPL-3 and GPL-2 texts) up to each context in turn, in chunks of 512, and
-at each one times `--decode` single-token steps `--runs` times, rolling the cache back after each, and
-reports the median. Perplexity scores the first 4,096 tokens of the same text in one sequence.
+benchmarks/data/long_text.txt (the GPL-3 and GPL-2 texts) up to each context in turn, in chunks of 512, and at
+each one times the `--decode` single-token steps that end there (the cache holds the context less those
+tokens, then fills to it), `--runs` times, rolling the cache back after each, and reports the median.
+Perplexity scores the first 4,096 tokens of the same text in one sequence.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class LlmcSide:
         import llmc
         from llmc.runtime.model import CacheSettings
 
-        self.engine = llmc.load(where, cache=CacheSettings(max_total_tokens=context + 64, prefill_chunk=CHUNK,
+        self.engine = llmc.load(where, cache=CacheSettings(max_total_tokens=context, prefill_chunk=CHUNK,
                                                             prefix_cache=False))
         self.model = self.engine.model
         self.seq = self.model.cache.add_sequence()
@@ -83,7 +84,7 @@ class LlamaCppSide:
         import llama_cpp
 
         kind = getattr(llama_cpp, LLAMA_CACHES[cache])
-        self.llm = llama_cpp.Llama(model_path=gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=context + 64,
+        self.llm = llama_cpp.Llama(model_path=gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=context,
                                    n_batch=CHUNK, flash_attn=True, type_k=kind, type_v=kind, logits_all=all_logits,
                                    verbose=False)
 
@@ -127,17 +128,17 @@ def worker(engine: str, cache: str, ids: list[int], runs: int, decode: int, cont
     result, done, prefill_s = {"decode": {}}, 0, 0.0
     for context in contexts:
         start = time.perf_counter()
-        side.append(ids[done:context])
+        side.append(ids[done:context - decode])
         prefill_s += time.perf_counter() - start
-        done = context
+        done = context - decode
         rates = []
         for _ in range(runs):
             start = time.perf_counter()
-            side.decode(ids[context:context + decode])
+            side.decode(ids[done:context])
             rates.append(decode / (time.perf_counter() - start))
             side.rollback(decode)
         result["decode"][str(context)] = statistics.median(rates)
-    result["prefill_tok_s"] = max(contexts) / prefill_s
+    result["prefill_tok_s"] = done / prefill_s
     return result
 
 
@@ -145,7 +146,9 @@ def run_worker(engine: str, cache: str, args: argparse.Namespace, score: bool) -
     command = [sys.executable, __file__, "--worker", engine, cache, "--out", args.out, "--runs", str(args.runs),
                "--decode", str(args.decode), "--contexts", *map(str, args.contexts)] + (["--score"] if score else [])
     wait_quiet()
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the {engine} {cache} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -17,6 +17,7 @@ from llmc.ir import INPUT, PARAM, Graph, KVCacheType, LlmcError, Module, TensorT
 from llmc.ir.kv_storage import geometry, kv_storage
 from llmc.targets import OwnKVCache, Target
 
+from .native_stderr import silenced_native_stderr
 from .prim import SymbolTable
 from .relax_ops import TABLE, LowerContext, lower_node
 
@@ -68,7 +69,7 @@ def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_targ
     names = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
     sizes = {n: tirx.Var(n, "int64") for n in names}
     params = [relax.Var(n + "_shape", relax.ShapeType([sizes[n]])) for n in names]
-    with bb.function(CREATE_KV_CACHE, params):
+    with bb.function(CREATE_KV_CACHE, params), silenced_native_stderr():
         kv = TIRPagedKVCache(
             attn_kind="mha", **sizes, layer_partition=relax.ShapeExpr([0, cache.num_layers]),
             num_hidden_layers=cache.num_layers, num_attention_heads=shape.q_heads,
@@ -81,6 +82,15 @@ def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_targ
             dtype=shape.dtype if cache.storage != "f32" else cache.dtype, target=tvm_target)
         created = bb.emit(kv._expr, name_hint="kv_cache")
         bb.emit_func_output(created)
+
+
+def _stores(target: Target, own_cache: OwnKVCache | None, cache: KVCacheType) -> bool:
+    """Whether the target's attention kernels read and write the cache's storage format."""
+    if cache.storage == "f32":
+        return True
+    if own_cache is not None:
+        return cache.storage in own_cache.storages
+    return target.kv_row_kernels(cache) is not None
 
 
 def lower_module(module: Module, target: Target) -> tvm.IRModule:
@@ -98,9 +108,9 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
         raise LlmcError("the module's functions disagree about the KV cache they use")
     own_cache = target.own_kv_cache(PAGE_SIZE)
     cache = next(iter(caches), None)
-    if cache is not None and cache.storage != "f32" and (own_cache is not None or target.kv_row_kernels(cache) is None):
+    if cache is not None and not _stores(target, own_cache, cache):
         raise LlmcError(f"target {target.name} cannot store the KV cache as {cache.storage} (llmc's quantized and "
-                        "16-bit caches are CPU-only so far); compile for it with --kv-cache f32")
+                        "16-bit caches run on the cpu and vulkan targets so far); compile for it with --kv-cache f32")
     bb = relax.BlockBuilder()
     kernels: dict = {}
     for graph in module.functions.values():

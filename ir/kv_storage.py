@@ -6,9 +6,11 @@ float16 scale per group of 32 values, as llama.cpp's q8_0 and q4_0 blocks do:
 - q8: code = round(x / d) in [-127, 127], d = max|x| / 127; 8.5 bits per value.
 - q4: code = round(x / d) + 8 in [0, 15], d = (the value of largest magnitude) / -8; byte i of a
   group holds value i in its low nibble and value i + 16 in its high one; 4.5 bits per value.
-- q4 first rotates each group of 32 by the normalised Hadamard matrix, which spreads an outlier
-  over the group (llama.cpp's PR #21038). The rotation is orthonormal and symmetric: queries are
-  rotated the same way, so q . k is unchanged, and the attention output is rotated back.
+- q4 first rotates the row by the normalised Hadamard matrix in blocks of `rotation_size` (the
+  whole head where its size is a power of two), which spreads an outlier channel over the block
+  (llama.cpp's PR #21038); on SmolLM2 rotating whole heads of 64 costs less perplexity than groups
+  of 32 (benchmarks/RESULTS.md). The rotation is orthonormal and symmetric: queries are rotated the
+  same way, so q . k is unchanged, and the attention output is rotated back.
 
 TVM's runtime cache holds pages of one dtype whose rows are as wide as the queries it is given,
 so a cache that is not f32 is described to it in *container* terms (`Geometry`): rows of
@@ -34,7 +36,7 @@ class KVStorage:
     container: str      # the dtype of the runtime's pages
     code_bits: int      # bits per stored value (scales not counted)
     scaled: bool        # one float16 scale per GROUP values after the codes
-    rotated: bool       # a Hadamard rotation of each group before quantizing
+    rotated: bool       # a Hadamard rotation of the row (blocks of rotation_size) before quantizing
 
     def code_bytes(self, head_dim: int) -> int:
         """Bytes of a row's codes; its float16 scales follow them."""
@@ -63,9 +65,9 @@ class KVStorage:
             return x.astype(np.float32)
         if self.name == "f16":
             return x.astype(np.float16).astype(np.float32)
-        groups = x.astype(np.float32).reshape(*x.shape[:-1], -1, GROUP)
-        if self.rotated:
-            groups = groups @ hadamard(GROUP)
+        rotation = block_hadamard(x.shape[-1]) if self.rotated else None
+        rows = x.astype(np.float32) if rotation is None else x.astype(np.float32) @ rotation
+        groups = rows.reshape(*x.shape[:-1], -1, GROUP)
         if self.code_bits == 8:
             scale = (np.abs(groups).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
             inverse = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0)
@@ -75,17 +77,17 @@ class KVStorage:
             scale = (np.take_along_axis(groups, index, -1) / -8).astype(np.float16).astype(np.float32)
             inverse = np.where(scale != 0, 1 / np.where(scale != 0, scale, 1), 0)
             codes = np.clip(np.rint(groups * inverse) + 8, 0, 15) - 8
-        values = codes * scale
-        if self.rotated:
-            values = values @ hadamard(GROUP)
-        return values.reshape(x.shape).astype(np.float32)
+        values = (codes * scale).reshape(x.shape)
+        if rotation is not None:
+            values = values @ rotation
+        return values.astype(np.float32)
 
 
 STORAGES = {s.name: s for s in (
     KVStorage("f32", "float32", "float32", 32, False, False),
     KVStorage("f16", "float16", "float16", 16, False, False),
     KVStorage("q8", "8-bit codes, a float16 scale per 32 values (q8_0)", "int8", 8, True, False),
-    KVStorage("q4", "4-bit codes, a float16 scale per 32, Hadamard-rotated groups (q4_0 + rotation)", "int8", 4,
+    KVStorage("q4", "4-bit codes, a float16 scale per 32, Hadamard-rotated heads (q4_0 + rotation)", "int8", 4,
               True, True),
 )}
 
@@ -94,6 +96,16 @@ def kv_storage(name: str) -> KVStorage:
     if name not in STORAGES:
         raise IRError(f"unknown KV cache format {name!r}; llmc knows {', '.join(STORAGES)}")
     return STORAGES[name]
+
+
+def rotation_size(head_dim: int) -> int:
+    """The block of a rotated format's Hadamard rotation: the largest power of two dividing the head size."""
+    return head_dim & -head_dim
+
+
+def block_hadamard(head_dim: int) -> np.ndarray:
+    """The rotation of a whole row: Hadamard blocks of `rotation_size` on the diagonal."""
+    return np.kron(np.eye(head_dim // rotation_size(head_dim), dtype=np.float32), hadamard(rotation_size(head_dim)))
 
 
 def hadamard(size: int) -> np.ndarray:

@@ -1,11 +1,11 @@
 """The paged KV cache of the vulkan runtime: page pools on the GPU, page tables in Python.
 
-It has the surface of `PagedKVCache` (sequences, lengths, free pages, begin/end around
-each step), so the engine and the scheduler drive both alike. Each layer has one pool of
-pages (pages, 2, kv_heads, page_size, head_dim), keys at 0 and values at 1, written by
-the kernels. `begin` gives the new tokens their pages and computes the step's tensors
-that the kernels read (targets/webgpu/kv_cache.py): each new token's pool slot, its
-sequence's row in the page table, how many keys it sees, and the page table.
+It has the surface of `PagedKVCache` (sequences, lengths, free pages, begin/end around each step), so the
+engine and the scheduler drive both alike. Each layer has one pool of pages (pages, 2, kv_heads, page_size,
+row width), keys at 0 and values at 1, in the package's storage format (`pool_row`), written by the kernels.
+`begin` gives the new tokens their pages and computes the step's tensors that the kernels read
+(targets/webgpu/kv_cache.py): each new token's pool slot, its sequence's row in the page table, how many keys
+it sees, and the page table.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ from llmc.errors import LlmcError
 from .webgpu_plan import STEP_FIELDS, pool_name
 
 
+def pool_row(layout: dict[str, Any]) -> tuple[str, int]:
+    """The element type and the width of a pool's rows: float rows (f32, f16 storage) hold head_dim values,
+    quantized ones (q8, q4) their bytes as 32-bit words, as many as `bytes_per_token` gives a row."""
+    storage, head_dim = layout.get("storage", "f32"), int(layout["head_dim"])
+    if storage in ("f32", "f16"):
+        return layout["dtype"] if storage == "f32" else "float16", head_dim
+    row_bytes = int(layout["bytes_per_token"]) // (2 * int(layout["num_layers"]) * int(layout["num_kv_heads"]))
+    return "int32", row_bytes // 4
+
+
 class WebGPUKVCache:
     def __init__(self, device: Any, layout: dict[str, Any], max_batch_size: int, max_total_tokens: int,
                  prefill_chunk: int):
@@ -28,8 +38,9 @@ class WebGPUKVCache:
         self.max_total_tokens = max_total_tokens
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.pool_shape = (self.total_pages(), 2, int(layout["num_kv_heads"]), self.page_size, int(layout["head_dim"]))
-        size = int(np.prod(self.pool_shape)) * np.dtype(layout["dtype"]).itemsize
+        dtype, width = pool_row(layout)
+        self.pool_shape = (self.total_pages(), 2, int(layout["num_kv_heads"]), self.page_size, width)
+        size = int(np.prod(self.pool_shape)) * np.dtype(dtype).itemsize
         self.pools = [device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE)
                       for _ in range(int(layout["num_layers"]))]
         self.lengths: dict[int, int] = {}

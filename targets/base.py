@@ -32,6 +32,9 @@ class OwnKVCache(ABC):
     """A paged KV cache that a target keeps in plain tensors (page pools, page tables) which its
     runtime fills, instead of TVM's KV cache object; `paged_attention` becomes the target's kernels."""
 
+    # The storage formats of ir/kv_storage.py its kernels read and write.
+    storages: frozenset[str] = frozenset({"f32"})
+
     @abstractmethod
     def relax_type(self, cache: KVCacheType, symbols: Any) -> relax.Type:
         """The type of the entry functions' cache input (`symbols` makes the symbolic sizes)."""

@@ -38,6 +38,12 @@ ISA_EXTENSIONS = frozenset({
 })
 
 
+def decode_splits() -> int:
+    """At most how many chunks decode attention splits a sequence's keys into: enough for two work items a
+    core when one sequence with one key head is decoding (fewer key heads or sequences than cores)."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def compile_cpu() -> str:
     """The LLVM CPU that kernels are compiled for: `LLMC_CPU`, else this machine's processor."""
     cpu = os.environ.get(CPU_VARIABLE) or llvm_get_system_cpu()
@@ -105,7 +111,7 @@ class CpuTarget(Target):
         return {
             "tir_attention_prefill_ragged_cpu": attention.ragged_prefill(*heads),
             "tir_attention_prefill_cpu": attention.paged_prefill(*heads, page_size),
-            "tir_attention_decode_cpu": attention.paged_decode(*heads, page_size, os.cpu_count() or 1),
+            "tir_attention_decode_cpu": attention.paged_decode(*heads, page_size, decode_splits()),
             "tir_attention_merge_state_cpu": kv_pack.merge_states(shape, cache.num_q_heads, cache.head_dim),
         }
 

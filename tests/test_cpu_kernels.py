@@ -166,9 +166,9 @@ def test_paged_prefill_attention_matches_numpy(causal):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_split_decode_attention_matches_numpy(batch):
-    """Decode over 200, 3 and 0 cached keys (pages of 16), the query heads of a key head together, with 4
-    threads: one sequence splits its keys into 4 chunks of at least 64, three sequences into 2, and the chunks'
-    partial results merge exactly; a sequence with no keys gets zeros."""
+    """Decode over 200, 3 and 0 cached keys (pages of 16), the query heads of a key head together, with at
+    most 8 chunks: one sequence splits its keys into 4 chunks of at least 64, three sequences into 2, and the
+    chunks' partial results merge exactly; a sequence with no keys gets zeros."""
     rng = np.random.default_rng(3)
     page, keys = 16, [200, 3, 0][:batch]
     pages_of = [-(-n // page) for n in keys]
@@ -177,7 +177,7 @@ def test_split_decode_attention_matches_numpy(batch):
     page_values = rng.permutation(sum(pages_of)).astype(np.int32)
     last = np.array([n - (p - 1) * page if p else 0 for n, p in zip(keys, pages_of)], np.int32)
     q = rng.standard_normal((batch, 6, 16), dtype=np.float32)
-    kernel = build(attention.paged_decode(F32, 2, 6, 16, page, threads=4))
+    kernel = build(attention.paged_decode(F32, 2, 6, 16, page, max_splits=8))
     out = tvm.runtime.empty((batch, 6, 16), "float32", tvm.cpu())
     lse = tvm.runtime.empty((batch, 6), "float32", tvm.cpu())
     tensors = [tvm.runtime.tensor(a) for a in (q, pages, page_indptr, page_values, last, np.zeros(batch, np.int32),

@@ -7,6 +7,8 @@ prompts; split decode against the same sequence decoded in a batch (where it doe
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from llmc.compiler import compile_model
 from llmc.errors import LlmcError
 from llmc.frontend.torch_export import import_torch_model
 from llmc.ir import KVCacheType, ReferenceKVCache, run
-from llmc.ir.kv_storage import GROUP, STORAGES, hadamard, kv_storage
+from llmc.ir.kv_storage import STORAGES, block_hadamard, hadamard, kv_storage, rotation_size
 from llmc.passes.pipeline import PassOptions, run_pipeline
 from tiny_models import LONG_CONTEXT_MODEL, build_tiny
 
@@ -59,9 +61,12 @@ def _interpreter_logits(model, storage: str, ids: list[int], chunk: int) -> np.n
 
 
 def test_hadamard_is_orthonormal_and_its_own_inverse():
-    matrix = hadamard(GROUP)
-    np.testing.assert_allclose(matrix @ matrix, np.eye(GROUP), atol=1e-6)
-    np.testing.assert_allclose(matrix, matrix.T)
+    for size, block in ((32, 32), (64, 64), (96, 32), (128, 128)):
+        assert rotation_size(size) == block
+        matrix = block_hadamard(size)
+        np.testing.assert_allclose(matrix @ matrix, np.eye(size), atol=1e-6)
+        np.testing.assert_allclose(matrix, matrix.T)
+        np.testing.assert_allclose(matrix[:block, :block], hadamard(block))
 
 
 def test_quantized_rows_keep_values_within_their_step():
@@ -71,8 +76,8 @@ def test_quantized_rows_keep_values_within_their_step():
         error = np.abs(STORAGES[name].round_trip(rows) - rows).max(-1)
         assert np.all(error <= np.abs(rows).max(-1) * limit * 1.01 + 1e-6), name
     rotated = np.abs(STORAGES["q4"].round_trip(rows) - rows).mean()
-    plain = np.abs(STORAGES["q4"].round_trip(rows @ np.eye(64)) - rows).mean()
-    assert rotated <= plain * 1.01
+    plain = np.abs(dataclasses.replace(STORAGES["q4"], rotated=False).round_trip(rows) - rows).mean()
+    assert rotated < plain * 0.8  # the rotation spreads the outlier channel over the head
 
 
 @pytest.mark.parametrize("storage", FORMATS)
@@ -156,7 +161,9 @@ def test_bad_kv_cache_formats_are_refused_at_compile_time(tiny_model, tmp_path):
         compile_model(tiny_model("llama_gqa_tied"), tmp_path / "q8", options=PassOptions("f32", kv_cache="q8"))
 
 
-@pytest.mark.parametrize("target", ["vulkan", "cuda", "metal"])
+@pytest.mark.parametrize("target", ["cuda", "metal"])
 def test_targets_without_quantized_caches_refuse_them(long_model, tmp_path, target):
+    """cuda and metal keep TVM's KV cache with its own kernels: a stored format they cannot read is refused
+    before any work (vulkan's formats: tests/test_vulkan.py)."""
     with pytest.raises(LlmcError, match=f"target {target} cannot store the KV cache as q8"):
         compile_model(long_model, tmp_path / target, targets=[target], options=PassOptions("f32", kv_cache="q8"))

@@ -31,6 +31,7 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.devices import open_device
 from llmc.targets.cpu_kernels.matmul import GEMV_ROWS
+from tiny_models import LONG_CONTEXT_MODEL
 
 NEW_TOKENS = 48
 VOCAB = 512
@@ -57,16 +58,19 @@ def _word_tokenizer(folder) -> None:
 
 @pytest.fixture(scope="module")
 def package(tiny_model, tmp_path_factory):
-    """(tiny model name, quantization) -> a package compiled for cpu and vulkan, with a word tokenizer."""
-    built: dict[tuple[str, str], str] = {}
+    """(tiny model name, quantization, KV cache format) -> a package compiled for cpu and vulkan, with a word
+    tokenizer."""
+    built: dict[tuple[str, str, str], str] = {}
 
-    def get(name: str, quant: str = "f32") -> str:
-        if (name, quant) not in built:
-            folder = tmp_path_factory.mktemp(f"{name}-{quant}")
+    def get(name: str, quant: str = "f32", kv_cache: str = "f32") -> str:
+        key = (name, quant, kv_cache)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"{name}-{quant}-{kv_cache}")
             _word_tokenizer(folder / "tokenizer")
-            built[name, quant] = str(compile_model(tiny_model(name), folder / "pkg", targets=["cpu", "vulkan"],
-                                                   options=PassOptions(quant), tokenizer=folder / "tokenizer"))
-        return built[name, quant]
+            built[key] = str(compile_model(tiny_model(name), folder / "pkg", targets=["cpu", "vulkan"],
+                                           options=PassOptions(quant, kv_cache=kv_cache),
+                                           tokenizer=folder / "tokenizer"))
+        return built[key]
     return get
 
 
@@ -108,6 +112,20 @@ def test_vulkan_f16_weights_give_the_cpu_logits_and_greedy_tokens(package):
     prompt = _prompt(7, 9)
     assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
     params = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert vulkan.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids
+
+
+@needs_vulkan
+@pytest.mark.parametrize("kv_cache", ["f16", "q8", "q4"])
+def test_vulkan_kv_cache_formats_give_the_cpu_logits_and_greedy_tokens(package, kv_cache):
+    """Keys and values stored as f16, or quantized (q8; q4 with its rotation) into 32-bit words holding the
+    bytes of the CPU's rows: prefill logits and greedy decode (its keys split over a workgroup's threads)
+    match the CPU with the same cache format, over a prompt longer than a workgroup has threads."""
+    path = package(LONG_CONTEXT_MODEL, "f32", kv_cache)
+    cpu, vulkan = llmc.load(path), llmc.load(path, device="vulkan")
+    prompt = _prompt(11, 100)
+    assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     assert vulkan.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids
 
 

@@ -378,16 +378,16 @@ def _grouped_softmax(head_dim: int, group: int, key, value):
 
 
 def paged_decode(storage: KVStorage, num_kv_heads: int, num_q_heads: int, head_dim: int, page_size: int,
-                 threads: int):
+                 max_splits: int):
     """One new token per sequence. Work items are (sequence, key head, chunk of keys); a sequence's keys are
-    split into as many chunks as make at least 2 x `threads` items, each of at least MIN_CHUNK keys."""
+    split into as many chunks (at most `max_splits`, each of at least MIN_CHUNK keys) as make about
+    `max_splits` items; 1 turns the split off."""
     shape = geometry(storage, num_q_heads, num_kv_heads, head_dim)
     reader = RowReader(storage, head_dim)
     group = num_q_heads // num_kv_heads
     attend = _grouped_softmax(head_dim, group, paged_loader(reader, page_size, 0), paged_loader(reader, page_size, 1))
     row_bytes = _bytes(shape)
     strides = _query_strides(shape, head_dim)
-    max_splits = max(1, 2 * threads)
 
     @T.prim_func
     def batch_decode_paged_kv(var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle,

@@ -9,42 +9,28 @@ for a rotated format). `merge_states` replaces TVM's merge of two partial attent
 
 from __future__ import annotations
 
-import math
 
 from tvm.script import tirx as T
 
 from llmc.ir.kv_storage import GROUP, Geometry, KVStorage
 
+from ..hadamard_rotation import row_rotation
 from .common import opaque
 
 HALF_GROUP = GROUP // 2
-STAGES = int(math.log2(GROUP))
-
-
-@T.macro
-def _rotate(values, base):
-    """Rotate values[base : base + GROUP] in place by the normalised Hadamard matrix (fast Walsh-Hadamard)."""
-    for stage in T.unroll(STAGES):
-        for i in T.unroll(HALF_GROUP):
-            low: T.let[T.int32] = base + i // (1 << stage) * (2 << stage) + i % (1 << stage)
-            high: T.let[T.int32] = low + (1 << stage)
-            a: T.let[T.float32] = values[low]
-            b: T.let[T.float32] = values[high]
-            values[low] = a + b
-            values[high] = a - b
-    for i in T.unroll(GROUP):
-        values[base + i] = values[base + i] * T.float32(1 / math.sqrt(GROUP))
 
 
 def _quantize(storage: KVStorage, head_dim: int):
     """A macro storing one row of float32 `row` into `codes` (container) and `scales` (float16) at t, slot."""
     scale_at = storage.code_bytes(head_dim) // 2
 
+    rotate = row_rotation(head_dim)
+
     @T.macro
     def store(row, codes, scales, t, slot):
+        if storage.rotated:
+            rotate(row)
         for g in range(head_dim // GROUP):
-            if storage.rotated:
-                _rotate(row, g * GROUP)
             best = T.alloc_buffer((1,), "float32")
             best[0] = T.float32(0)
             for i in range(GROUP):
@@ -76,6 +62,7 @@ def pack_qkv(storage: KVStorage, shape: Geometry, num_q_heads: int, head_dim: in
     rows = shape.q_heads + 2 * kv_heads
     row_bytes = width * (1 if container in ("int8", "uint8") else 2)
     store = _quantize(storage, head_dim) if storage.scaled else None
+    rotate = row_rotation(head_dim)
 
     @T.prim_func
     def pack(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_out: T.handle):
@@ -93,8 +80,7 @@ def pack_qkv(storage: KVStorage, shape: Geometry, num_q_heads: int, head_dim: in
                 for d in range(head_dim):
                     row[d] = q[t, h, d]
                 if storage.rotated:
-                    for g in range(head_dim // GROUP):
-                        _rotate(row, g * GROUP)
+                    rotate(row)
                 for d in range(head_dim):
                     as_float[t, h * head_dim + d] = row[d]
             for which, h in T.grid(2, kv_heads):
@@ -111,6 +97,7 @@ def pack_qkv(storage: KVStorage, shape: Geometry, num_q_heads: int, head_dim: in
 def unpack_output(storage: KVStorage, shape: Geometry, num_q_heads: int, head_dim: int):
     width, container = shape.width, shape.dtype
     lanes = {"float32": 1, "float16": 2}.get(container, 4)  # container elements per float32
+    rotate = row_rotation(head_dim)
 
     @T.prim_func(s_tir=True)
     def unpack(var_packed: T.handle, var_out: T.handle):
@@ -128,8 +115,7 @@ def unpack_output(storage: KVStorage, shape: Geometry, num_q_heads: int, head_di
                         at: T.let[T.int32] = (h * head_dim + d) * lanes
                         row[d] = T.reinterpret("float32", packed[t, at // width, T.Ramp(at % width, 1, lanes)])
                     if storage.rotated:
-                        for g in range(head_dim // GROUP):
-                            _rotate(row, g * GROUP)
+                        rotate(row)
                     for d in range(head_dim):
                         out[t, h, d] = row[d]
     return opaque(unpack)
