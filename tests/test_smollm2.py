@@ -120,3 +120,38 @@ def test_auto_package_logits_are_the_dequantized_models(smollm2_auto_package, sm
     model, _ = smollm2_torch
     engine = llmc.load(smollm2_auto_package)
     assert_logits_match_the_dequantized_model(engine, model)
+
+
+@pytest.fixture(scope="module")
+def long_prompt_logits(smollm2_torch):
+    """An 8,000-token text and transformers' logits at positions 2,047, 4,095 and 7,991 to 7,999."""
+    model, _ = smollm2_torch
+    ids = np.random.default_rng(8000).integers(0, 49152, 8000).tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    return ids, logits[[2047, 4095, *range(7991, 8000)]]
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_long_prompts_match_pytorch(smollm2_package, long_prompt_logits, kv_cache):
+    """Prompts of 2,048, 4,096 and 7,992 tokens (one sequence, prefilled in chunks of 512), then 8 tokens
+    decoded to 8,000: with an f32 cache within 1e-4 (of the largest logit) of transformers', and with f32 and
+    f16 caches the same greedy tokens."""
+    from llmc.package_cache import package_for
+    from llmc.passes.pipeline import PassOptions
+
+    path = smollm2_package if kv_cache == "f32" else str(
+        package_for("smollm2-135m", options=PassOptions("f32", kv_cache="f16")))
+    ids, expected = long_prompt_logits
+    model = llmc.load(path).model
+    seq = model.cache.add_sequence()
+    got = []
+    for start in range(0, 7992, 512):
+        end = min(start + 512, 7992)
+        logits = model.step([seq], [ids[start:end]])
+        if end in (2048, 4096, 7992):
+            got.append(logits)
+    got = np.concatenate(got + [model.step([seq], [[token]]) for token in ids[7992:]])
+    if kv_cache == "f32":
+        assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
+    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
