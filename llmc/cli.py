@@ -93,11 +93,34 @@ def inspect(model: str = typer.Argument(..., help="package directory or model"),
 
 
 def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int],
-              stop: List[str], repetition_penalty: float):
+              stop: List[str], repetition_penalty: float, json_schema: Optional[Path] = None,
+              grammar: Optional[Path] = None):
     from llmc.runtime.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          stop=tuple(stop), repetition_penalty=repetition_penalty)
+                          stop=tuple(stop), repetition_penalty=repetition_penalty,
+                          grammar=_grammar(json_schema, grammar))
+
+
+def _grammar(json_schema: Optional[Path], grammar: Optional[Path]):
+    """The grammar --json-schema or --grammar names (not both), or None."""
+    from llmc.runtime.grammar import GrammarSpec
+
+    if json_schema is not None and grammar is not None:
+        raise LlmcError("give --json-schema or --grammar, not both")
+    path = json_schema or grammar
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LlmcError(f"cannot read {path}: {error}") from None
+    if grammar is not None:
+        return GrammarSpec("grammar", text)
+    try:
+        return GrammarSpec.json_schema(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise LlmcError(f"{path} is not JSON: {error}") from None
 
 
 def _package(model: str, device: str) -> Path:
@@ -146,6 +169,9 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
         repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
         seed: Optional[int] = typer.Option(None, "--seed"),
         stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+        json_schema: Optional[Path] = typer.Option(None, "--json-schema",
+                                                   help="JSON schema file: the output is JSON valid against it"),
+        grammar: Optional[Path] = typer.Option(None, "--grammar", help="GBNF or Lark grammar file the output matches"),
         raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with ids, text and logprobs"),
         device: str = typer.Option("cpu", "--device"),
@@ -157,7 +183,7 @@ def run(model: str = typer.Argument(..., help="package directory or model (compi
 
     def action() -> None:
         _threads(threads)
-        params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty)
+        params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, json_schema, grammar)
         engine = _engine(model, device, not no_prefix_cache, speculate)
         if as_json:
             result = engine.generate(prompt, params, chat=not raw)

@@ -73,11 +73,8 @@ class AsyncEngine:
 
     def request(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
         """A checked request, ready for `stream`: raises LlmcError for an empty or too long prompt."""
-        if not prompt_ids:
-            raise LlmcError("the prompt is empty")
-        self.engine.model.check_tokens(prompt_ids)
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-        return Request(prompt_ids, params, self.engine.tokenizer, self.engine.eos_ids, self.context_length)
+        return self.engine.new_request(prompt_ids, params, self.context_length)
 
     async def stream(self, requests: Sequence[Request]) -> AsyncIterator[tuple[int, Delta]]:
         """(index in `requests`, delta) as the batch produces them, until each request has had its last

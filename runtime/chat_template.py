@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 import jinja2
+from jinja2 import meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -39,16 +40,24 @@ class ChatTemplate:
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self.template = environment.from_string(source)
+            self.variables = meta.find_undeclared_variables(environment.parse(source))
         except jinja2.exceptions.TemplateSyntaxError as error:
             raise LlmcError(f"the model's chat template is not valid jinja2: {error}") from None
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def reads(self, variable: str) -> bool:
+        """Whether the template uses `variable` (`tools`, say) at all."""
+        return variable in self.variables
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """The prompt text; `tools` (OpenAI function definitions) go to the template as transformers passes them."""
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise LlmcError(f"chat message {index} needs a 'role' and a 'content'")
+        extra = {"tools": tools} if tools else {}
         try:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+                                        **self.special_tokens, **extra)
         except jinja2.exceptions.TemplateError as error:
             raise LlmcError(f"the model's chat template refused the conversation: {error}") from None

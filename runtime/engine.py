@@ -4,7 +4,8 @@
 (perplexity and scoring); `generate` and `chat` run one request at a time (prefill in
 chunks, then decode) and can stream text through a callback; `stream` yields the text
 pieces as they come. With `speculation`, decoding checks drafted tokens several at a time
-(runtime/speculation.py).
+(runtime/speculation.py). A request whose `SamplingParams.grammar` is set is held to it
+(runtime/grammar.py), here and in the batching engine.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import numpy as np
 from llmc.errors import LlmcError
 
 from .chat_template import ChatTemplate, Message
+from .grammar import Grammars, masks_during
 from .model import CacheSettings, CompiledModel, ContextOverflow, check_fits
 from .package import Package
 from .request import Generation, Request
 from .sampling import SamplingParams
 from .speculation import Speculation, speculates, speculators
 from .tokenizer import Tokenizer
+from .validation import InvalidParameter
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -41,6 +44,8 @@ class Engine:
         self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
                                                       "eos_token": info.get("eos_token")}) if template else None)
         self.model = CompiledModel(self.package, device, cache)
+        self.grammars = (Grammars(lambda: self.tokenizer.backend.to_str(), self.eos_ids, self.model.vocab_size)
+                         if self.tokenizer is not None else None)
         self.speculators = speculators(speculation, self.model, device) if speculation else None
 
     def _tokenizer_file(self, name: str) -> Path:
@@ -62,11 +67,11 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self._require_tokenizer().encode(text)
 
-    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
         if self.chat_template is None:
             raise LlmcError("the model has no chat template; send the prompt as raw text")
-        return self.encode(self.chat_template.render(messages, add_generation_prompt=True))
+        return self.encode(self.chat_template.render(messages, add_generation_prompt=True, tools=tools))
 
     def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids for `prompt`: given ids as they are; text as is, or as one user message in
@@ -105,10 +110,12 @@ class Engine:
             length = cache.lengths[seq_id]
             prefix.make_room(cache.pages_for(length + len(tokens)) - cache.pages_for(length))
             return self.model.step([seq_id], [tokens], [rows])
+        constraints = [request.constraint] if request.constraint is not None else []
         try:
             logits = None
             for start in range(cached, len(ids), chunk):
-                logits = step(ids[start:start + chunk])
+                tokens = ids[start:start + chunk]
+                logits = masks_during(constraints, lambda: step(tokens)) if constraints else step(tokens)
             text = request.accept(logits[0])
             while True:
                 if text:
@@ -119,7 +126,9 @@ class Engine:
                 draft = speculator.draft_for(request, self.context_length, self.model.tokens_before_slow_kernels(1),
                                              self.model.step_cost) if speculator else []
                 if not draft:
-                    text = request.accept(step([request.next_input])[0])
+                    logits = (masks_during(constraints, lambda: step([request.next_input]))
+                              if constraints else step([request.next_input]))
+                    text = request.accept(logits[0])
                     continue
                 length = cache.lengths[seq_id]
                 text, kept = speculator.check(request, step([request.next_input, *draft], len(draft) + 1), draft)
@@ -132,12 +141,26 @@ class Engine:
             else:
                 prefix.remove(seq_id)
 
-    def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
+    def new_request(self, prompt_ids: Sequence[int], params: SamplingParams, context_length: int) -> Request:
+        """A request for this engine's model, its grammar compiled (LlmcError for a bad grammar, bias or prompt)."""
         if not prompt_ids:
             raise LlmcError("the prompt is empty")
+        self.model.check_tokens(prompt_ids)
+        biased = [token for token, _ in params.logit_bias]
+        if biased and max(biased) >= self.model.vocab_size:
+            raise InvalidParameter("logit_bias", f"logit_bias names token {max(biased)}, outside the vocabulary "
+                                                 f"(0..{self.model.vocab_size - 1})")
+        constraint = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise LlmcError(f"the package {self.package.path} has no tokenizer, which a grammar needs")
+            constraint = self.grammars.constraint(params.grammar)
+        return Request(prompt_ids, params, self.tokenizer, self.eos_ids, context_length, constraint)
+
+    def _request(self, prompt_ids: Sequence[int], params: SamplingParams | None) -> Request:
         params = params or SamplingParams()
         check_fits(len(prompt_ids), params.max_tokens, self.context_length)
-        return Request(prompt_ids, params, self.tokenizer, self.eos_ids, self.context_length)
+        return self.new_request(prompt_ids, params, self.context_length)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, chat: bool = False,
                  on_text: Callable[[str], None] | None = None) -> Generation:

@@ -1,9 +1,9 @@
 """One generation request's state, shared by the single-request engine and the batch scheduler.
 
-A `Request` takes the logits computed for it, picks the next token, turns tokens into
-text as they complete (holding back text that could still become a stop string), and
-decides when it is finished: end-of-sequence token, stop string, max tokens, or the
-end of the context window.
+A `Request` takes the logits computed for it, picks the next token (among those its grammar
+allows, when it has one), turns tokens into text as they complete (holding back text that could
+still become a stop string), and decides when it is finished: end-of-sequence token, stop string,
+the end of its grammar, max tokens, or the end of the context window.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .sampling import Sampler, SamplingParams
+from .grammar import Constraint, GrammarError
+from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import TextStream, Tokenizer
 
 
@@ -24,10 +25,12 @@ class Generation:
     text: str
     logprobs: list[float]
     finish_reason: str
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def to_json(self) -> dict:
+        extra = {"top_logprobs": self.top_logprobs} if self.top_logprobs is not None else {}
         return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "text": self.text,
-                "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+                "logprobs": self.logprobs, "finish_reason": self.finish_reason, **extra}
 
 
 class StopStrings:
@@ -59,14 +62,17 @@ class StopStrings:
 
 class Request:
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, tokenizer: Tokenizer | None,
-                 eos_ids: Sequence[int], context_length: int):
+                 eos_ids: Sequence[int], context_length: int, constraint: Constraint | None = None):
+        """`constraint`: the request's place in `params.grammar` (runtime/grammar.py), when it has one."""
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.sampler = Sampler(params)
+        self.constraint = constraint
+        self.sampler = Sampler(params, len(self.prompt_ids))
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.context_length = context_length
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per output token, when params.top_logprobs
         self.finish_reason: str | None = None
         self._stream = TextStream(tokenizer) if tokenizer is not None else None
         self._stops = StopStrings(params.stop)
@@ -79,9 +85,19 @@ class Request:
     def next_input(self) -> int:
         return self.output_ids[-1]
 
+    def _allowed(self) -> np.ndarray | None:
+        if self.constraint is None:
+            return None
+        allowed = self.constraint.allowed()
+        if not allowed.any():
+            raise GrammarError(f"the grammar allows no token after {len(self.output_ids)} output tokens: "
+                               f"{self.constraint.matcher.get_error() or 'it cannot go on'}")
+        return allowed
+
     def accept(self, logits: np.ndarray) -> str:
         """Pick the next token from `logits`; return the text it makes final ('' if none)."""
-        return self._take(*self.sampler.sample(logits, self.prompt_ids + self.output_ids))
+        token, logprob = self.sampler.sample(logits, self.prompt_ids + self.output_ids, self._allowed())
+        return self._take(token, logprob, logits)
 
     def accept_drafted(self, logits: np.ndarray, draft: Sequence[int]) -> tuple[str, int]:
         """Pick tokens from the logits of a step that ran the next input and then `draft` (one row per input),
@@ -89,25 +105,33 @@ class Request:
         became output (their KV stays valid; the rest is rolled back)."""
         text, kept = "", 0
         for row, guess in enumerate(draft):
-            token, logprob = self.sampler.check_draft(logits[row], self.prompt_ids + self.output_ids, guess)
-            text += self._take(token, logprob)
+            token, logprob = self.sampler.check_draft(logits[row], self.prompt_ids + self.output_ids, guess,
+                                                      self._allowed())
+            text += self._take(token, logprob, logits[row])
             if token != guess or self.done:
                 return text, kept
             kept += 1
         return text + self.accept(logits[len(draft)]), kept
 
-    def _take(self, token: int, logprob: float) -> str:
+    def _take(self, token: int, logprob: float, logits: np.ndarray) -> str:
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return self._finish_text()
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.output_ids.append(token)
         self.logprobs.append(logprob)
+        if self.params.top_logprobs:
+            self.top_logprobs.append(top_logprobs(logits, self.params.top_logprobs))
         text = ""
         if self._stream is not None:
             text, stopped = self._stops.push(self._stream.push(token))
             if stopped:
                 self.finish_reason = "stop"
                 return text
+        if self.constraint is not None and self.constraint.complete:
+            self.finish_reason = "stop"
+            return text + self._finish_text()
         if len(self.output_ids) >= self.params.max_tokens or \
                 len(self.prompt_ids) + len(self.output_ids) >= self.context_length:
             self.finish_reason = "length"
@@ -122,4 +146,4 @@ class Request:
 
     def result(self) -> Generation:
         return Generation(self.prompt_ids, self.output_ids, self._stops.text, self.logprobs,
-                          self.finish_reason or "length")
+                          self.finish_reason or "length", self.top_logprobs if self.params.top_logprobs else None)

@@ -1,8 +1,9 @@
-"""Choosing the next token from logits: greedy, or sampled with temperature, top-k, top-p
-and a repetition penalty, reproducibly when given a seed.
+"""Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p,
+reproducibly when given a seed; after the penalties (repetition as in transformers, presence and
+frequency as in OpenAI's API), the logit bias, and a grammar's mask of the allowed tokens.
 
-The log-probability reported for a token is that of the model's own distribution
-(log-softmax of the raw logits), whatever the sampling settings.
+The log-probability reported for a token, and its `top_logprobs`, are those of the model's own
+distribution (log-softmax of the raw logits), whatever the sampling settings, as in vLLM.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ from typing import Sequence
 
 import numpy as np
 
+from .grammar import GrammarSpec
 from .validation import MAX_SEED, InvalidParameter, at_least, finite, in_range
 
 
 # Below this temperature sampling is greedy: dividing logits by it would overflow to infinities.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties, as OpenAI bounds them
+BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; checked once here, for the CLI, the API and the server.
-    `top_k` 0 or -1 (vLLM's spelling) means off."""
+    `top_k` 0 or -1 (vLLM's spelling) means off. `logit_bias` holds (token id, bias) pairs; `grammar`,
+    when given, holds the output to it (runtime/grammar.py)."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -32,6 +38,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         at_least("max_tokens", self.max_tokens, 1)
@@ -46,6 +57,12 @@ class SamplingParams:
         if self.seed is not None:
             in_range("seed", self.seed, 0, MAX_SEED)
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        for name in ("presence_penalty", "frequency_penalty"):
+            in_range(name, finite(name, getattr(self, name)), *PENALTY_RANGE)
+        for token, bias in self.logit_bias:
+            at_least("logit_bias", token, 0)
+            in_range("logit_bias", finite("logit_bias", bias), *BIAS_RANGE)
+        in_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
@@ -60,25 +77,61 @@ def log_probability(logits: np.ndarray, token: int) -> float:
     return float(logits[token] - peak) - float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
 
 
-class Sampler:
-    def __init__(self, params: SamplingParams):
-        self.params = params
-        self.rng = np.random.default_rng(params.seed)
+def top_logprobs(logits: np.ndarray, count: int) -> list[tuple[int, float]]:
+    """The `count` most likely tokens under log-softmax(logits), most likely first, with their log-probabilities."""
+    peak = logits.max()
+    log_total = float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    best = np.argpartition(-logits, count - 1)[:count]
+    best = best[np.argsort(-logits[best], kind="stable")]
+    return [(int(t), float(logits[t] - peak) - log_total) for t in best]
 
-    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        penalty = self.params.repetition_penalty
-        if penalty == 1.0 or not history:
-            return logits
-        logits = logits.astype(np.float64, copy=True)
-        seen = np.unique(np.asarray(history, dtype=np.int64))
-        values = logits[seen]
-        with np.errstate(over="ignore"):  # a tiny penalty may overflow; `sample` clips infinities
-            logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+
+class Sampler:
+    """Picks one request's tokens; `prompt_length` tokens of the history it is given are prompt, the rest
+    output (which the presence and frequency penalties count)."""
+
+    def __init__(self, params: SamplingParams, prompt_length: int = 0):
+        self.params = params
+        self.prompt_length = prompt_length
+        self.rng = np.random.default_rng(params.seed)
+        self._bias = None
+        if params.logit_bias:
+            tokens, biases = zip(*params.logit_bias)
+            self._bias = (np.asarray(tokens, dtype=np.int64), np.asarray(biases, dtype=np.float64))
+
+    @property
+    def _adjusts(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty) or self._bias is not None
+
+    def _adjusted(self, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray | None) -> np.ndarray:
+        """The logits after the penalties and the bias, with the tokens the grammar forbids at -inf."""
+        if self._adjusts:
+            logits = self._penalized(logits, history)
+        if allowed is not None:
+            logits = np.where(allowed, logits, -np.inf)
         return logits
 
-    def probabilities(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """The distribution a token is sampled from (not greedy): penalty, temperature, top-k, top-p."""
-        scores = self._penalized(logits, history)
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        params = self.params
+        logits = logits.astype(np.float64, copy=True)
+        penalty = params.repetition_penalty
+        if penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            values = logits[seen]
+            with np.errstate(over="ignore"):  # a tiny penalty may overflow; `sample` clips infinities
+                logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+        output = history[self.prompt_length:]
+        if (params.presence_penalty or params.frequency_penalty) and len(output):
+            tokens, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
+            logits[tokens] -= params.frequency_penalty * counts + params.presence_penalty
+        if self._bias is not None:
+            logits[self._bias[0]] += self._bias[1]
+        return logits
+
+    def probabilities(self, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray | None = None) -> np.ndarray:
+        """The distribution a token is sampled from (not greedy): penalties, bias, mask, temperature, top-k, top-p."""
+        scores = self._adjusted(logits, history, allowed)
         # Extreme but valid settings (a penalty of 1e-300, say) overflow to infinity: keep the order, drop the inf.
         scores = np.nan_to_num(scores.astype(np.float64) / self.params.temperature, nan=-np.inf,
                                posinf=np.finfo(np.float64).max, neginf=-np.inf)
@@ -96,23 +149,26 @@ class Sampler:
             probs = mask / mask.sum()
         return probs
 
-    def sample(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, float]:
-        """(token, its log-probability under the model) for one row of logits."""
+    def sample(self, logits: np.ndarray, history: Sequence[int],
+               allowed: np.ndarray | None = None) -> tuple[int, float]:
+        """(token, its log-probability under the model) for one row of logits; only tokens in `allowed`
+        (a boolean per token) when given."""
         if self.params.greedy:
-            token = int(np.argmax(self._penalized(logits, history)))
+            token = int(np.argmax(self._adjusted(logits, history, allowed)))
         else:
-            probs = self.probabilities(logits, history)
+            probs = self.probabilities(logits, history, allowed)
             token = int(self.rng.choice(probs.size, p=probs))
         return token, log_probability(logits, token)
 
-    def check_draft(self, logits: np.ndarray, history: Sequence[int], draft: int) -> tuple[int, float]:
+    def check_draft(self, logits: np.ndarray, history: Sequence[int], draft: int,
+                    allowed: np.ndarray | None = None) -> tuple[int, float]:
         """(token, its log-probability) for one row of logits whose position a drafter guessed `draft` for.
         Greedy picks as `sample` does. Sampling accepts the draft with its probability, else samples from the
         distribution without it: for a draft proposed with certainty (prompt lookup) this is the rejection
         rule of speculative sampling, so the tokens keep the model's distribution."""
         if self.params.greedy:
-            return self.sample(logits, history)
-        probs = self.probabilities(logits, history)
+            return self.sample(logits, history, allowed)
+        probs = self.probabilities(logits, history, allowed)
         if self.rng.random() < probs[draft]:
             token = draft
         else:

@@ -28,6 +28,7 @@ import numpy as np
 
 from llmc.errors import LlmcError
 
+from .grammar import masks_during
 from .model import CompiledModel, check_fits
 from .prefix_cache import Match, PrefixStats
 from .request import Request
@@ -42,6 +43,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str | None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when the request asks for them
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,12 @@ class Scheduler:
         chunks = [entry.tokens[entry.cached:entry.cached + plan.counts[entry] - len(draft)] + draft
                   for entry, draft in zip(entries, drafts)]
         rows = [1 + len(draft) for draft in drafts]
+        # The grammar masks of the requests in this step are computed while the model runs.
+        constraints = [e.request.constraint for entry in entries for e in (entry, *entry.siblings)
+                       if e.request.constraint is not None]
         try:
-            logits = self.model.step([entry.seq_id for entry in entries], chunks, rows)
+            logits = masks_during(constraints, lambda: self.model.step([entry.seq_id for entry in entries], chunks,
+                                                                        rows))
         except Exception as error:  # TVM raises its own errors; the batch's KV state is unknown after one
             for entry in entries:
                 self._drop(entry)
@@ -362,7 +368,8 @@ class Scheduler:
         self._generated += len(request.output_ids) - before
         if request.done:
             self._drop(entry, finished=True)
-        return Delta(text, request.output_ids[before:], request.logprobs[before:], request.finish_reason)
+        return Delta(text, request.output_ids[before:], request.logprobs[before:], request.finish_reason,
+                     request.top_logprobs[before:])
 
     def _snapshot(self) -> None:
         waiting = len(self.waiting) + sum(len(entry.siblings) for entry in self.running + self.waiting)

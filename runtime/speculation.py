@@ -117,11 +117,14 @@ class Speculator:
         return drafts
 
     def draft_for(self, request: Request, context: int, limit: int, step_cost: StepCost) -> list[int]:
-        """Drafts for the request's next step: at most `limit`, none past its max_tokens (they would be wasted)
-        or past `context` tokens in its sequence (their KV must fit)."""
+        """Drafts for the request's next step: at most `limit`, none past its max_tokens (they would be wasted),
+        past `context` tokens in its sequence (their KV must fit) or where its grammar would refuse them."""
         tokens = request.prompt_ids + request.output_ids
         room = min(limit, request.params.max_tokens - len(request.output_ids) - 1, context - len(tokens))
-        return self.draft(tokens, room, step_cost) if room > 0 else []
+        drafts = self.draft(tokens, room, step_cost) if room > 0 else []
+        if drafts and request.constraint is not None:  # drafts the grammar refuses would be refused anyway
+            drafts = drafts[:request.constraint.valid_prefix(drafts)]
+        return drafts
 
     def check(self, request: Request, logits, draft: list[int]) -> tuple[str, int]:
         """Let the request pick its tokens from the logits of a step that ran its next input and `draft`: the text

@@ -149,10 +149,10 @@ def test_run_refuses_what_the_server_refuses_at_the_context_length(chat_package)
 def test_a_failing_sampler_fails_only_its_request(server, chat_package, monkeypatch):
     sample = Sampler.sample
 
-    def faulty(self, logits, history):
+    def faulty(self, logits, history, allowed=None):
         if self.params.seed == 666:
             raise FloatingPointError("injected sampling fault")
-        return sample(self, logits, history)
+        return sample(self, logits, history, allowed)
     monkeypatch.setattr(Sampler, "sample", faulty)
     bad = chat_body(temperature=0.7, seed=666)
     with ThreadPoolExecutor(4) as pool:

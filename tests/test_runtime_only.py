@@ -83,8 +83,9 @@ def test_the_runtime_install_has_no_compiler(runtime_python):
                            capture_output=True, text=True, check=True).stdout.strip()
     assert found == "[]"
     size = size_on_disk_mib(runtime_python.parent.parent)
-    # The full install is about 1.6 GB; benchmarks/startup.py reports this size exactly.
-    assert size * 2**20 < 150e6, f"the runtime-only environment takes {size:.0f} MiB"
+    # The full install is about 1.6 GB; benchmarks/startup.py reports this size exactly. llguidance, the grammar
+    # engine, is 8 MB of it.
+    assert size * 2**20 < 160e6, f"the runtime-only environment takes {size:.0f} MiB"
 
 
 def test_llmc_run_in_the_runtime_install(runtime_python, chat_package):

@@ -25,13 +25,14 @@ import llmc
 from llmc.compiler import compile_model
 from llmc.ir import LlmcError
 from llmc.passes.pipeline import PassOptions
+from llmc.runtime.grammar import GrammarSpec
 from llmc.runtime.model import CacheSettings
 from llmc.runtime.request import Request
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.devices import open_device
 from llmc.targets.cpu_kernels.matmul import GEMV_ROWS
-from tiny_models import LONG_CONTEXT_MODEL
+from tiny_models import LONG_CONTEXT_MODEL, build_chat_package
 
 NEW_TOKENS = 48
 VOCAB = 512
@@ -237,3 +238,27 @@ def test_smollm2_on_vulkan_generates_the_cpu_tokens(tmp_path, gguf_variants, fil
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     expected = cpu.generate(prompt, params).output_ids if quant == "f32" else _greedy_by_prefill(cpu, prompt, 16)
     assert vulkan.generate(prompt, params).output_ids == expected
+
+
+@needs_vulkan
+def test_a_grammar_holds_vulkan_output_as_it_does_the_cpus(tmp_path):
+    """Constrained decoding on the vulkan device (the tiny chat model, whose byte-level tokenizer the grammar
+    engine reads): the grammar's mask applies to its logits, batched, and greedy picks the CPU's tokens."""
+    path = build_chat_package(tmp_path, targets=("cpu", "vulkan"))
+    schema = {"type": "object", "properties": {"word": {"enum": ["fox", "dog"]}, "n": {"type": "integer",
+                                                                                      "minimum": 0, "maximum": 99}},
+              "required": ["word", "n"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=40, grammar=GrammarSpec.json_schema(schema))
+    cpu = llmc.load(path)
+    vulkan = llmc.load(path, device="vulkan", cache=CacheSettings(max_total_tokens=256, max_batch_size=4,
+                                                                  prefill_chunk=16))
+    prompts = [_prompt(seed, 9) for seed in (50, 51)]
+    requests = [vulkan.new_request(prompt, params, vulkan.context_length) for prompt in prompts]
+    scheduler = Scheduler(vulkan.model)
+    for request in requests:
+        scheduler.add(request)
+    while scheduler.has_work:
+        scheduler.step()
+    for prompt, request in zip(prompts, requests):
+        assert json.loads(request.result().text)["word"] in ("fox", "dog")
+        assert request.output_ids == cpu.generate(prompt, params).output_ids

@@ -68,16 +68,17 @@ def save_chat_tokenizer(folder: Path) -> None:
                                          chat_template=CHAT_TEMPLATE).save_pretrained(folder)
 
 
-def build_chat_package(folder: Path, seed: int = 0) -> str:
-    """A tiny random Llama (weights drawn with `seed`) with the chat tokenizer, compiled for the CPU into
-    `folder`/package."""
+def build_chat_package(folder: Path, seed: int = 0, context: int = 256, targets: tuple[str, ...] = ("cpu",)) -> str:
+    """A tiny random Llama (weights drawn with `seed`, `context` positions) with the chat tokenizer, compiled
+    for `targets` into `folder`/package."""
     from llmc.compiler import compile_model
 
     save_chat_tokenizer(folder / "tokenizer")
-    # A wide init makes the logits peaked, so greedy choices are far from ties.
+    # A wide init makes the logits peaked, so greedy choices are far from ties. The config's BOS and EOS are the
+    # tokenizer's (transformers' defaults, 1 and 2, are the byte tokens '!' and '"' here).
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      initializer_range=0.2)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                                      initializer_range=0.2, bos_token_id=None, eos_token_id=0)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return str(compile_model(model, folder / "package", tokenizer=folder / "tokenizer"))
+    return str(compile_model(model, folder / "package", targets=list(targets), tokenizer=folder / "tokenizer"))
