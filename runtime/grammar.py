@@ -1,26 +1,15 @@
-"""Constrained decoding: a request's output held to a grammar, through llguidance.
-
-A `GrammarSpec` says what the output must be: JSON valid against a schema, any JSON object,
-a Lark or GBNF grammar, or a grammar llmc builds (tool calls, runtime/tool_calls.py). The
-`Grammars` of an engine compile specs against the package's tokenizer (once each, cached) and
-give each request its own `Constraint`: the set of tokens the grammar allows next, as a mask
-over the vocabulary, and the state that each accepted token advances.
-
-llguidance was chosen over xgrammar: it has no Python dependencies, where xgrammar pulls torch,
-transformers, triton and pydantic into the runtime, which must stay free of them. It computes a
-mask in microseconds to a fraction of a millisecond and lets go of the GIL while it does, so the
-scheduler computes the masks of the next tokens while the model runs the step that produces
-their logits (`masks_during`).
-
-JSON is generated in one layout, that of Python's `json.dumps`: ", " between items, ": " after
-keys, no other whitespace. Free whitespace would let a sampled model pad its output forever;
-this layout is also the one models see most. llguidance is imported at the first grammar (35 ms),
-not when the runtime starts.
+"""Constrained decoding: a request's output held to a grammar (a JSON schema, any JSON object, GBNF or
+Lark, or llmc's tool-call grammars), through llguidance: it has no Python dependencies (xgrammar pulls
+torch into the runtime), computes a token mask in microseconds with the GIL released, and is imported
+at the first grammar. JSON is held to `json.dumps`'s layout (", ", ": ", no other whitespace): free
+whitespace would let a sampled model pad forever.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
@@ -34,6 +23,10 @@ if TYPE_CHECKING:
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GRAMMAR_KINDS = ("json_schema", "json_object", "grammar", "lark")
+# Masks expected to take less than this (by the time each constraint's last one took) are computed in the
+# caller's thread before the step: waking another thread costs more, and on a CPU it takes a core from the model.
+OVERLAP_ABOVE_S = 200e-6
+CACHED_GRAMMARS = 64
 T = TypeVar("T")
 
 
@@ -52,9 +45,15 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: Any) -> GrammarSpec:
-        if not isinstance(schema, (dict, bool)):
-            raise GrammarError(f"a JSON schema is an object (or true/false), not {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema))  # key order kept: properties are generated in it
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise GrammarError("a JSON schema is an object (or true); got "
+                               f"{'false, which nothing matches' if schema is False else type(schema).__name__}")
+        try:
+            return cls("json_schema", json.dumps(schema, allow_nan=False))  # key order kept: the output follows it
+        except ValueError:
+            raise GrammarError("the JSON schema holds Infinity or NaN, which JSON does not have") from None
 
     @property
     def what(self) -> str:
@@ -64,10 +63,12 @@ class GrammarSpec:
         import llguidance
         from llguidance.gbnf_to_lark import any_to_lark
 
-        if self.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(self.source, overrides=JSON_LAYOUT)
-        if self.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_LAYOUT)
+        if self.kind in ("json_schema", "json_object"):
+            schema = self.source if self.kind == "json_schema" else {"type": "object"}
+            try:
+                return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+            except ValueError as error:
+                raise GrammarError(f"the JSON schema cannot constrain decoding: {error}") from None
         if self.kind == "grammar":
             try:
                 return llguidance.LLMatcher.grammar_from_lark(any_to_lark(self.source))
@@ -86,6 +87,7 @@ class Constraint:
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._fresh = False  # whether _bits holds the mask of the current state
+        self.mask_seconds = 0.0  # how long the last mask took
 
     @property
     def needs_mask(self) -> bool:
@@ -94,7 +96,9 @@ class Constraint:
     def prepare(self) -> None:
         """Compute the mask of the current state (GIL released), if not done yet."""
         if not self._fresh:
+            started = time.perf_counter()
             self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            self.mask_seconds = time.perf_counter() - started
             self._fresh = True
 
     def allowed(self) -> np.ndarray:
@@ -119,14 +123,15 @@ class Constraint:
 
 class Grammars:
     """A tokenizer's compiled grammars. llguidance's view of the tokenizer takes ~0.2 s to build, so it is
-    built at the first constrained request; a spec's grammar is checked once and kept."""
+    built at the first constrained request. The `CACHED_GRAMMARS` most recently used specs keep a matcher in
+    its start state, which each request copies instead of building the grammar again."""
 
     def __init__(self, tokenizer_json: Callable[[], str], eos_ids: list[int], vocab_size: int):
         self._tokenizer_json = tokenizer_json
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._compiled: dict[GrammarSpec, str] = {}
+        self._start_states: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -140,43 +145,53 @@ class Grammars:
                 raise GrammarError(f"constrained decoding cannot use this package's tokenizer: {error}") from None
         return self._tokenizer
 
-    def compile(self, spec: GrammarSpec) -> str:
-        """The checked llguidance grammar for `spec`; GrammarError naming what is wrong or unsupported."""
+    def constraint(self, spec: GrammarSpec) -> Constraint:
+        """A request's own place in `spec`'s grammar; GrammarError naming what is wrong or unsupported."""
         import llguidance
 
-        if spec not in self._compiled:
+        start = self._start_states.get(spec)
+        if start is None:
             grammar = spec.llguidance_grammar()
             failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-            if failed:
-                raise GrammarError(f"{spec.what} cannot constrain decoding: {_readable(messages[0])}")
-            self._compiled[spec] = grammar
-        return self._compiled[spec]
-
-    def constraint(self, spec: GrammarSpec) -> Constraint:
-        import llguidance
-
-        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(spec), log_level=0)
-        if matcher.is_error():
-            raise GrammarError(f"{spec.what} cannot constrain decoding: {_readable(matcher.get_error())}")
-        return Constraint(matcher, self.vocab_size)
+            start = None if failed else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+            if failed or start.is_error():
+                message = messages[0] if failed else start.get_error()
+                raise GrammarError(f"{spec.what} cannot constrain decoding: {_readable(message)}")
+            self._start_states[spec] = start
+            if len(self._start_states) > CACHED_GRAMMARS:
+                self._start_states.popitem(last=False)
+        self._start_states.move_to_end(spec)
+        return Constraint(start.deep_copy(), self.vocab_size)
 
 
 _mask_thread: ThreadPoolExecutor | None = None
 
 
 def masks_during(constraints: Iterable[Constraint], work: Callable[[], T]) -> T:
-    """Run `work` (a model step) while another thread computes the constraints' next masks."""
+    """Run `work` (a model step) while another thread computes the constraints' next masks (when they are
+    expected to take OVERLAP_ABOVE_S or more; else here, first)."""
     global _mask_thread
     pending = [c for c in constraints if c.needs_mask]
-    if not pending:
+    if sum(c.mask_seconds for c in pending) < OVERLAP_ABOVE_S:
+        for constraint in pending:
+            constraint.prepare()
         return work()
     if _mask_thread is None:
         _mask_thread = ThreadPoolExecutor(1, thread_name_prefix="llmc-grammar")
-    masks = _mask_thread.submit(lambda: [c.prepare() for c in pending])
+    masks = _mask_thread.submit(_prepare_each, pending)
     try:
         return work()
     finally:
         masks.result()
+
+
+def _prepare_each(constraints: list[Constraint]) -> None:
+    """Compute each mask; one that fails stays to compute, so that its request alone fails, when it asks for it."""
+    for constraint in constraints:
+        try:
+            constraint.prepare()
+        except BaseException:  # llguidance's panics are BaseExceptions; the request's own call raises it again
+            pass
 
 
 def _readable(message: str) -> str:

@@ -34,7 +34,8 @@ from .request import Request
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 from .scheduler import Delta
 from .tokenizer import Tokenizer
-from .tool_calls import CallStream, ToolError, ToolUse, call_text, parse_tools, split_calls, tools_system_text
+from .tool_calls import (CALL_OPEN, CallStream, ToolError, ToolUse, call_text, parse_tools, special_markers,
+                         split_calls, tools_system_text)
 from .validation import MAX_SEED, InvalidParameter, at_least, in_range
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -77,6 +78,7 @@ class Call:
     echo: str = ""  # completions: the prompt's text, sent before the output
     token_ids_as_tokens: bool = False  # vLLM's `return_tokens_as_token_ids`: logprobs name "token_id:N"
 
+
 def _get(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
     value = body.get(name)
     if value is None:
@@ -104,7 +106,8 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     bias = _get(body, "logit_bias", (dict,), {})
     pairs = []
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool) or not isinstance(value, _NUMBER):
+        if not (key.isascii() and key.isdecimal() and len(key) <= 12) or isinstance(value, bool) or \
+                not isinstance(value, _NUMBER):
             raise ApiError(f"'logit_bias' maps token ids to numbers; got {key!r}: {value!r}", "logit_bias")
         pairs.append((int(key), float(value)))
     return tuple(pairs)
@@ -128,7 +131,10 @@ def _grammar(body: dict) -> GrammarSpec | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
             raise ApiError("'response_format' json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                            "response_format")
-        return GrammarSpec.json_schema(spec.get("schema", {}))
+        try:
+            return GrammarSpec.json_schema(spec.get("schema", {}))
+        except GrammarError as error:
+            raise ApiError(str(error), "response_format") from None
     raise ApiError(f"'response_format' type {kind!r} is not one of text, json_object, json_schema",
                    "response_format")
 
@@ -164,8 +170,6 @@ def _sampling(body: dict, max_tokens: int, top_logprobs: int, grammar: GrammarSp
                               logit_bias=_logit_bias(body), top_logprobs=top_logprobs, grammar=grammar)
     except InvalidParameter as error:
         raise ApiError(str(error), error.name) from None
-    except GrammarError as error:
-        raise ApiError(str(error), "grammar" if "grammar" in body else "response_format") from None
 
 
 def _count(body: dict, name: str, low: int) -> int | None:
@@ -345,6 +349,9 @@ def parse_chat(body: dict, engine: AsyncEngine) -> Call:
         if not isinstance(body.get("parallel_tool_calls", True), bool):
             raise ApiError("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
         tools = replace(tools, parallel=body.get("parallel_tool_calls", True))
+    if tools is not None and special_markers(engine.engine.tokenizer.backend):
+        raise ApiError(f"this model's tokenizer holds {CALL_OPEN} as a special token, which llmc's tool grammar does "
+                       "not write; tools are not supported for it", "tools")
     grammar = _grammar(body)
     if tools is not None and grammar is not None:
         raise ApiError("'tools' cannot be combined with 'response_format' or 'grammar' (set 'tool_choice' to "
@@ -424,8 +431,10 @@ class Reply:
                                  "top_logprobs": [{"token": self._token(i), "logprob": q,
                                                    "bytes": list(self._token(i).encode())} for i, q in top]}
                                 for t, p, top in zip(tokens, logprobs, tops)]}
+        # As OpenAI's legacy API: each position's top tokens and the chosen one, keyed by their text.
         return {"tokens": tokens, "token_logprobs": logprobs,
-                "top_logprobs": [{self._token(i): q for i, q in top} for top in tops] if any(tops) else None}
+                "top_logprobs": [{**{self._token(i): q for i, q in top}, token: p}
+                                 for token, p, top in zip(tokens, logprobs, tops)] if any(tops) else None}
 
     def _object(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}

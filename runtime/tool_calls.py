@@ -1,21 +1,7 @@
-"""Tool calls in chat completions: OpenAI's `tools` and `tool_choice` into the prompt and a grammar,
-and the model's calls out of its text.
-
-Calls are written in the Hermes format that Qwen, Hermes and SmolLM3 are trained on:
-
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
-
-The tools go to the chat template as transformers passes them (`tools=[...]`, assistant calls
-with their arguments as objects). A template that does not read `tools` gets them in a system
-message that describes this format instead (as llama.cpp's generic tool format does), and
-calls and results written into the messages' text.
-
-Every call is held to the grammar (runtime/grammar.py): with `tool_choice` `required` or a named
-function the output is one call, and with `auto` the text is free until the model writes
-`<tool_call>`, after which the call must name a tool and match its parameters' schema. So a
-call always parses and validates. `none` leaves the tools out.
+"""Tool calls in chat completions: OpenAI's `tools` and `tool_choice` into the prompt (the template's
+`tools`, or a system message for a template without them) and into a grammar that forces each call to
+parse against its tool's parameters; calls out of the model's text, whole or streamed. Calls use the
+Hermes format (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`) of Qwen, Hermes, SmolLM3.
 """
 
 from __future__ import annotations
@@ -128,6 +114,13 @@ def _tool(entry: Any, index: int) -> Tool:
     if not isinstance(parameters, dict):
         raise ToolError(f"{where}.function.parameters must be a JSON schema object", "tools")
     return Tool(name, description, parameters)
+
+
+def special_markers(tokenizer: Any) -> bool:
+    """Whether a `tokenizers.Tokenizer` holds the call markers as special tokens: llguidance keeps those apart
+    from text, so the grammar's literal markers could not be written with them, and decoding would drop them."""
+    return any(added.special and added.content in (CALL_OPEN, CALL_CLOSE)
+               for added in tokenizer.get_added_tokens_decoder().values())
 
 
 # -- the prompt ------------------------------------------------------------------------------------------

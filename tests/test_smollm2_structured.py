@@ -88,7 +88,6 @@ def test_auto_tool_choice_gives_text_or_valid_calls(engine):
     for request in requests:
         text = request.result().text
         content, calls = split_calls(text)
-        print(request.finish_reason, repr(text[:200]))
         assert "<tool_call>" not in (content or "") or request.finish_reason == "length", text
         for call in calls:
             jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])

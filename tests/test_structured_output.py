@@ -4,6 +4,7 @@ sampled at temperature 1 (tests/data/schemas holds the corpus); the grammar engi
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +13,6 @@ import pytest
 import llmc
 from llmc.errors import LlmcError
 from llmc.runtime.grammar import GrammarSpec
-from llmc.runtime.model import CacheSettings
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 
@@ -114,13 +114,47 @@ def test_a_schema_must_be_an_object():
         GrammarSpec.json_schema([1, 2])
 
 
-def test_speculative_decoding_under_a_grammar_gives_the_plain_tokens(chat_package):
+def test_speculative_decoding_under_a_grammar_gives_the_plain_tokens(chat_package, monkeypatch):
     """Drafts are cut where the grammar refuses them, and the kept tokens are the plain constrained greedy ones."""
+    from llmc.runtime.request import Request
     from llmc.runtime.speculation import Speculation
 
+    checked: list[int] = []
+    accept_drafted = Request.accept_drafted
+    monkeypatch.setattr(Request, "accept_drafted",
+                        lambda self, logits, draft: (checked.append(len(draft)), accept_drafted(self, logits, draft))[1])
     plain = llmc.load(chat_package)
     speculating = llmc.load(chat_package, speculation=Speculation("ngram", 4))
     spec = GrammarSpec("grammar", 'start: ("fox " | "dog " | "the ")+ "end"')
     for prompt in ("the fox the dog the fox the dog the fox", "the the the the"):
         params = SamplingParams(max_tokens=60, grammar=spec)
         assert speculating.generate(prompt, params).output_ids == plain.generate(prompt, params).output_ids
+    assert sum(checked) > 0  # drafts were checked
+
+
+def test_masks_computed_beside_the_step_give_the_same_output(chat_engine, monkeypatch):
+    """Masks computed in another thread while the model runs (as they are when they take long) or before the step
+    (when they are quick): the same tokens."""
+    import llmc.runtime.grammar as grammar
+
+    def batch() -> list[list[int]]:
+        scheduler = Scheduler(chat_engine.model)
+        requests = [chat_engine.new_request(chat_engine.encode("the lazy dog"),
+                                            SamplingParams(max_tokens=200, temperature=1.0, seed=seed,
+                                                           grammar=GrammarSpec.json_schema(_schema(path))),
+                                            chat_engine.context_length)
+                    for seed, path in enumerate(SCHEMAS[:8])]
+        for request in requests:
+            scheduler.add(request)
+        while scheduler.has_work:
+            scheduler.step()
+        return [r.output_ids for r in requests]
+
+    inline = batch()
+    overlapped_threads = []
+    monkeypatch.setattr(grammar, "OVERLAP_ABOVE_S", -1.0)
+    prepare = grammar.Constraint.prepare
+    monkeypatch.setattr(grammar.Constraint, "prepare",
+                        lambda self: (overlapped_threads.append(threading.current_thread().name), prepare(self)))
+    assert batch() == inline
+    assert any(name.startswith("llmc-grammar") for name in overlapped_threads)
