@@ -104,7 +104,7 @@ def to_device(array: np.ndarray, dev: Any, dtype: str | None = None) -> Any:
     """A tensor on `dev` holding `array`: the array itself, without a copy, on the CPU (it must stay
     writable, as DLPack has no read-only tensors, and alive as long as the tensor). With `dtype`, the
     array holds that dtype's bits (bfloat16 as uint16) and the tensor is viewed as it."""
-    array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes a 0-d array 1-d
     if dev.dlpack_device_type() == DEVICE_TYPES["cpu"]:
         tensor = ffi.from_dlpack(array)
     else:

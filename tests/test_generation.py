@@ -41,6 +41,26 @@ def test_greedy_generation_is_token_exact_with_transformers(tiny_model, tiny_pac
     assert result.finish_reason == "length"
 
 
+def test_a_model_with_a_scalar_weight_runs_token_exact(tmp_path):
+    """Gemma keeps its embedding scale as a 0-d weight; the runtime hands it to the library as 0-d (it once became
+    1-d on the way and the package failed to load)."""
+    import transformers
+
+    from llmc.compiler import compile_model
+
+    config = transformers.GemmaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                      max_position_embeddings=256, initializer_range=0.2)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    prompt = np.random.default_rng(8).integers(0, 512, 9).tolist()
+    expected, expected_logprobs = transformers_greedy(model, prompt, 16)
+    result = llmc.load(compile_model(model, tmp_path / "pkg")).generate(prompt, SamplingParams(max_tokens=16,
+                                                                                               ignore_eos=True))
+    assert result.output_ids == expected
+    assert np.abs(np.array(result.logprobs) - expected_logprobs).max() <= 1e-3
+
+
 def test_chunked_prefill_gives_the_same_tokens(tiny_package):
     prompt = np.random.default_rng(8).integers(0, 512, 37).tolist()
     params = SamplingParams(max_tokens=16)
