@@ -115,7 +115,7 @@ class Engine:
             logits = None
             for start in range(cached, len(ids), chunk):
                 tokens = ids[start:start + chunk]
-                logits = masks_during(constraints, lambda: step(tokens)) if constraints else step(tokens)
+                logits = masks_during(constraints, lambda: step(tokens))
             text = request.accept(logits[0])
             while True:
                 if text:
@@ -126,9 +126,7 @@ class Engine:
                 draft = speculator.draft_for(request, self.context_length, self.model.tokens_before_slow_kernels(1),
                                              self.model.step_cost) if speculator else []
                 if not draft:
-                    logits = (masks_during(constraints, lambda: step([request.next_input]))
-                              if constraints else step([request.next_input]))
-                    text = request.accept(logits[0])
+                    text = request.accept(masks_during(constraints, lambda: step([request.next_input]))[0])
                     continue
                 length = cache.lengths[seq_id]
                 text, kept = speculator.check(request, step([request.next_input, *draft], len(draft) + 1), draft)

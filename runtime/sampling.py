@@ -69,18 +69,23 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def log_probability(logits: np.ndarray, token: int) -> float:
-    """log-softmax(logits)[token], without the whole log-softmax: one max, one exp and one sum over the
-    vocabulary in the logits' own float32 (a float64 copy cost 0.3 ms a step for SmolLM2's 49,152 logits;
-    float32's error here is about 1e-6)."""
+def _log_normalizer(logits: np.ndarray) -> tuple[float, float]:
+    """(max, log of the sum of exp(logits - max)): one max, one exp and one sum over the vocabulary in the
+    logits' own float32 (a float64 copy cost 0.3 ms a step for SmolLM2's 49,152 logits; float32's error here
+    is about 1e-6)."""
     peak = logits.max()
-    return float(logits[token] - peak) - float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    return float(peak), float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+
+
+def log_probability(logits: np.ndarray, token: int) -> float:
+    """log-softmax(logits)[token], without the whole log-softmax."""
+    peak, log_total = _log_normalizer(logits)
+    return float(logits[token] - peak) - log_total
 
 
 def top_logprobs(logits: np.ndarray, count: int) -> list[tuple[int, float]]:
     """The `count` most likely tokens under log-softmax(logits), most likely first, with their log-probabilities."""
-    peak = logits.max()
-    log_total = float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    peak, log_total = _log_normalizer(logits)
     best = np.argpartition(-logits, count - 1)[:count]
     best = best[np.argsort(-logits[best], kind="stable")]
     return [(int(t), float(logits[t] - peak) - log_total) for t in best]
