@@ -63,12 +63,28 @@ def _lower_function(bb: relax.BlockBuilder, graph: Graph, weight_types: list[Ten
         bb.emit_func_output(output)
 
 
-def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_target) -> None:
-    """`create_kv_cache`: TVM's paged KV cache, described in the rows of the cache's storage (ir/kv_storage.py)."""
+def _kv_cache_creator(cache: KVCacheType, tvm_target) -> tvm.IRModule:
+    """`create_kv_cache` and its TIR kernels: TVM's paged KV cache, described in the rows of the cache's storage
+    (ir/kv_storage.py). Building it parses TVM's kernel templates (seconds), so a compile reuses the module an
+    earlier compile in the process built for the same cache and target; TVM's IR is immutable, so sharing is safe."""
+    key = (cache, str(tvm_target))
+    if key not in _CREATORS:
+        if len(_CREATORS) >= _CREATORS_KEPT:
+            _CREATORS.pop(next(iter(_CREATORS)))
+        _CREATORS[key] = _build_kv_cache_creator(cache, tvm_target)
+    return _CREATORS[key]
+
+
+_CREATORS: dict[tuple, tvm.IRModule] = {}
+_CREATORS_KEPT = 8
+
+
+def _build_kv_cache_creator(cache: KVCacheType, tvm_target) -> tvm.IRModule:
     shape = geometry(kv_storage(cache.storage), cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
     names = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
     sizes = {n: tirx.Var(n, "int64") for n in names}
     params = [relax.Var(n + "_shape", relax.ShapeType([sizes[n]])) for n in names]
+    bb = relax.BlockBuilder()
     with bb.function(CREATE_KV_CACHE, params), silenced_native_stderr():
         kv = TIRPagedKVCache(
             attn_kind="mha", **sizes, layer_partition=relax.ShapeExpr([0, cache.num_layers]),
@@ -82,6 +98,7 @@ def _lower_kv_cache_creator(bb: relax.BlockBuilder, cache: KVCacheType, tvm_targ
             dtype=shape.dtype if cache.storage != "f32" else cache.dtype, target=tvm_target)
         created = bb.emit(kv._expr, name_hint="kv_cache")
         bb.emit_func_output(created)
+    return bb.get()
 
 
 def _stores(target: Target, own_cache: OwnKVCache | None, cache: KVCacheType) -> bool:
@@ -117,8 +134,9 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
         _lower_function(bb, graph, weight_types, weight_index, target, kernels, own_cache)
     if cache is None or own_cache is not None:
         return bb.get()
-    _lower_kv_cache_creator(bb, cache, target.tvm_target())
     irmodule = bb.get()
+    for global_var, func in _kv_cache_creator(cache, target.tvm_target()).functions.items():
+        irmodule[global_var] = func
     for name, func in target.kv_cache_kernels(cache, PAGE_SIZE).items():
         irmodule.update_func(irmodule.get_global_var(name), func.with_attr("global_symbol", name))
     return irmodule

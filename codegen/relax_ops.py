@@ -83,6 +83,7 @@ for _ir, _fn in {
     "logical_and": relax.op.logical_and, "logical_or": relax.op.logical_or, "logical_not": relax.op.logical_not,
     "negative": relax.op.negative, "exp": relax.op.exp, "log": relax.op.log, "sqrt": relax.op.sqrt,
     "rsqrt": relax.op.rsqrt, "sin": relax.op.sin, "cos": relax.op.cos, "tanh": relax.op.tanh, "abs": relax.op.abs,
+    "floor": relax.op.floor,
     "erf": relax.op.erf, "sigmoid": relax.op.sigmoid, "silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu,
     "gelu_tanh": relax.op.nn.gelu_tanh, "where": relax.op.where, "matmul": relax.op.matmul,
 }.items():

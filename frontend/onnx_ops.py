@@ -117,7 +117,7 @@ for _onnx_name, _ir_name in _COMPARISONS.items():
 for _onnx_name, _ir_name in {"And": "logical_and", "Or": "logical_or", "Xor": "not_equal"}.items():
     converts(_onnx_name)(lambda cx, inputs, attrs, _ir_name=_ir_name: cx.binary(_ir_name, *inputs))
 
-_UNARY = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sin": "sin", "Cos": "cos", "Tanh": "tanh", "Erf": "erf",
+_UNARY = {"Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sin": "sin", "Cos": "cos", "Tanh": "tanh", "Erf": "erf", "Floor": "floor",
           "Sigmoid": "sigmoid", "Abs": "abs", "Not": "logical_not"}
 
 for _onnx_name, _ir_name in _UNARY.items():

@@ -141,6 +141,23 @@ class _Importer:
                                 f"PyTorch computed {expected}")
         return result
 
+    def _rebind_mutated(self, node: torch.fx.Node) -> None:
+        """After an in-place op (`mul_`), later uses of the tensor it mutated read its result. That is only right
+        when the tensor owns its memory: a mutated view would also change the tensor it views, and a mutated
+        parameter or input would change the model's state."""
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.name.endswith("_") or not isinstance(node.args[0], torch.fx.Node):
+            return
+        mutated = node.args[0]
+        mutated_schema = getattr(mutated.target, "_schema", None)
+        # A view aliases what it views; an in-place op's result is the tensor it changed, checked when it ran.
+        aliases = (mutated_schema is not None and not mutated_schema.name.endswith("_")
+                   and any(r.alias_info is not None for r in mutated_schema.returns))
+        if mutated.op != "call_function" or aliases:
+            raise UnsupportedOpsError(f"cannot import node {node.name} ({node.target}): it changes {mutated.name} "
+                                      "in place, which is a view, a parameter or an input")
+        self.env[mutated] = self.env[node]
+
     def run(self, function_name: str) -> Module:
         check_supported(self.program)
         inputs = self._placeholders()
@@ -148,6 +165,7 @@ class _Importer:
         for node in self.program.graph.nodes:
             if node.op == "call_function":
                 self.env[node] = self._convert(node)
+                self._rebind_mutated(node)
             elif node.op == "output":
                 results = node.args[0]
                 outputs = [self.env[r] for r in (results if isinstance(results, (list, tuple)) else [results])]

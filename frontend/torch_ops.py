@@ -35,7 +35,8 @@ def _identity(em: Emitter, args, kwargs, val):
 
 
 for _name in ("aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
-              "aten.lift_fresh_copy.default", "aten.dropout.default", "aten.feature_dropout.default"):
+              "aten.lift_fresh_copy.default", "aten.dropout.default", "aten.feature_dropout.default",
+              "aten.detach_.default"):
     TABLE[_name] = _identity
 
 
@@ -75,6 +76,10 @@ for _torch_name, _ir_name in _BINARY.items():
         TABLE[f"aten.{_torch_name}.{_overload}"] = _binary(_ir_name)
 
 
+# The elementwise overloads of min and max (with a second tensor) are minimum and maximum.
+TABLE["aten.min.other"], TABLE["aten.max.other"] = _binary("minimum"), _binary("maximum")
+
+
 @converts("aten.rsub.Scalar", "aten.rsub.Tensor")
 def _rsub(em, args, kwargs, val):
     return em.binary("subtract", args[1], args[0], val)
@@ -88,7 +93,9 @@ def _div(em, args, kwargs, val):
     if mode == "trunc":
         quotient = em.binary("divide", args[0], args[1], torch.empty((), dtype=torch.float32))
         return em.cast(quotient, torch_dtype(val.dtype))
-    return em.binary("divide", args[0], args[1], val)
+    # True division of integers gives floats in PyTorch: divide in the result's dtype.
+    dtype = torch_dtype(val.dtype)
+    return em.op("divide", [em.operand(args[0], dtype), em.operand(args[1], dtype)])
 
 
 @converts("aten.floor_divide.default")
@@ -96,9 +103,15 @@ def _floor_divide(em, args, kwargs, val):
     return em.binary("floor_divide", args[0], args[1], val)
 
 
+# In-place arithmetic on a tensor the model made itself; the importer rebinds the mutated tensor to the result.
+for _torch_name in ("add", "sub", "mul", "div"):
+    for _overload in ("Tensor", "Scalar"):
+        TABLE[f"aten.{_torch_name}_.{_overload}"] = TABLE[f"aten.{_torch_name}.{_overload}"]
+
+
 _UNARY = {
     "neg": "negative", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "sin": "sin", "cos": "cos",
-    "tanh": "tanh", "abs": "abs", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu",
+    "tanh": "tanh", "abs": "abs", "erf": "erf", "floor": "floor", "sigmoid": "sigmoid", "silu": "silu",
     "logical_not": "logical_not", "bitwise_not": "logical_not",
 }
 
@@ -111,6 +124,33 @@ def _unary(ir_op: str) -> Converter:
 
 for _torch_name, _ir_name in _UNARY.items():
     TABLE[f"aten.{_torch_name}.default"] = _unary(_ir_name)
+
+
+@converts("aten.square.default")
+def _square(em, args, kwargs, val):
+    return em.binary("multiply", args[0], args[0], val)
+
+
+@converts("aten.expm1.default")
+def _expm1(em, args, kwargs, val):
+    return em.binary("subtract", em.op("exp", [em.cast(args[0], torch_dtype(val.dtype))]), 1, val)
+
+
+@converts("aten.log1p.default")
+def _log1p(em, args, kwargs, val):
+    return em.op("log", [em.binary("add", args[0], 1, val)])
+
+
+@converts("aten.softplus.default")
+def _softplus(em, args, kwargs, val):
+    """log(1 + exp(beta x)) / beta, and x itself where beta x passes the threshold (as PyTorch computes it)."""
+    names = ("self", "beta", "threshold")
+    bound = dict(zip(names, args), **kwargs)
+    x, beta, threshold = bound["self"], bound.get("beta", 1), bound.get("threshold", 20)
+    scaled = em.binary("multiply", x, beta, val)
+    smooth = em.binary("divide", em.op("log", [em.binary("add", em.op("exp", [scaled]), 1, val)]), beta, val)
+    linear = em.binary("greater", scaled, threshold, torch.empty((), dtype=torch.bool))
+    return em.where(linear, x, smooth, val)
 
 
 @converts("aten.reciprocal.default")
@@ -172,6 +212,19 @@ for _torch_name, _ir_name in {"mean.dim": "mean", "sum.dim_IntList": "sum", "ama
     TABLE[f"aten.{_torch_name}"] = _reduction(_ir_name)
 
 
+@converts("aten.logsumexp.default")
+def _logsumexp(em, args, kwargs, val):
+    """log(sum(exp(x - max))) + max over `dim`, so large inputs do not overflow."""
+    x = em.cast(args[0], torch_dtype(val.dtype))
+    dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    axes = [dims] if isinstance(dims, int) else list(dims)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    peak = em.op("max", [x], {"axes": axes, "keepdims": True})
+    shifted = em.op("exp", [em.binary("subtract", x, peak, val)])
+    total = em.binary("add", em.op("log", [em.op("sum", [shifted], {"axes": axes, "keepdims": True})]), peak, val)
+    return total if keepdim else em.reshape(total, em.shape_of(val))
+
+
 @converts("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
 def _softmax(em, args, kwargs, val):
     return em.op("softmax", [em.cast(args[0], torch_dtype(val.dtype))], {"axis": args[1]})
@@ -204,6 +257,22 @@ def _layer_norm(em, args, kwargs, val):
     return y
 
 
+@converts("aten.rms_norm.default")
+def _rms_norm(em, args, kwargs, val):
+    """x * rsqrt(mean(x * x) + eps) * weight, spelled as passes/fuse_rms_norm.py recognises it."""
+    names = ("input", "normalized_shape", "weight", "eps")
+    bound = dict(zip(names, args), **kwargs)
+    x = bound["input"]
+    if len(bound["normalized_shape"]) != 1:
+        raise em.unsupported("rms_norm over more than the last axis")
+    eps = bound.get("eps")
+    eps = float(torch.finfo(val.dtype).eps) if eps is None else float(eps)
+    squares = em.binary("multiply", x, x, val)
+    variance = em.op("mean", [squares], {"axes": [-1], "keepdims": True})
+    y = em.binary("multiply", x, em.op("rsqrt", [em.binary("add", variance, eps, val)]), val)
+    return y if bound.get("weight") is None else em.binary("multiply", bound["weight"], y, val)
+
+
 # ---- linear algebra ------------------------------------------------------------------------------
 
 @converts("aten.linear.default")
@@ -220,6 +289,25 @@ def _matmul(em, args, kwargs, val):
 @converts("aten.addmm.default")
 def _addmm(em, args, kwargs, val):
     return em.binary("add", em.op("matmul", [args[1], args[2]]), args[0], val)
+
+
+@converts("aten.baddbmm.default")
+def _baddbmm(em, args, kwargs, val):
+    """beta * input + alpha * (batch1 @ batch2)."""
+    names = ("self", "batch1", "batch2", "beta", "alpha")
+    bound = dict(zip(names, args), **kwargs)
+    product = em.op("matmul", [bound["batch1"], bound["batch2"]])
+    if bound.get("alpha", 1) != 1:
+        product = em.binary("multiply", product, bound["alpha"], val)
+    if bound.get("beta", 1) == 0:
+        return product
+    added = bound["self"] if bound.get("beta", 1) == 1 else em.binary("multiply", bound["self"], bound["beta"], val)
+    return em.binary("add", product, added, val)
+
+
+@converts("aten.index_select.default")
+def _index_select(em, args, kwargs, val):
+    return em.op("take", [args[0], args[2]], {"axis": args[1]})
 
 
 @converts("aten.embedding.default")
@@ -241,6 +329,40 @@ def _sdpa(em, args, kwargs, val):
 @converts("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 def _reshape(em, args, kwargs, val):
     return em.reshape(args[0], list(args[1]))
+
+
+@converts("aten.view_as.default")
+def _view_as(em, args, kwargs, val):
+    return em.reshape(args[0], em.shape_of(val))
+
+
+@converts("aten.repeat.default")
+def _repeat(em, args, kwargs, val):
+    """Tile: each axis of size d repeated r times becomes (r, d) by broadcasting, then r * d."""
+    x, repeats = args[0], list(args[1])
+    shape = [1] * (len(repeats) - x.type.rank) + list(x.type.shape)
+    x = em.reshape(x, shape)
+    spread, tiled = [], []
+    for count, size in zip(repeats, shape):
+        spread += [1, size]
+        tiled += [em.dim(count), size]
+    x = em.broadcast(em.reshape(x, spread), tiled)
+    return em.reshape(x, em.shape_of(val))
+
+
+@converts("aten.repeat_interleave.self_int")
+def _repeat_interleave(em, args, kwargs, val):
+    """Each element repeated r times along `dim`: (.., d, ..) -> (.., d, r, ..) by broadcasting -> (.., d * r, ..)."""
+    names = ("self", "repeats", "dim", "output_size")
+    bound = dict(zip(names, args), **kwargs)
+    x, axis = bound["self"], bound.get("dim")
+    if axis is None:
+        raise em.unsupported("repeat_interleave without dim (over the flattened tensor)")
+    axis %= x.type.rank
+    shape = list(x.type.shape)
+    spread = shape[:axis + 1] + [1] + shape[axis + 1:]
+    repeated = shape[:axis + 1] + [em.dim(bound["repeats"])] + shape[axis + 1:]
+    return em.reshape(em.broadcast(em.reshape(x, spread), repeated), em.shape_of(val))
 
 
 @converts("aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default",

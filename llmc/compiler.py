@@ -18,7 +18,7 @@ from llmc.frontend.gguf_weights import gguf_source_weights
 from llmc.frontend.safetensors_weights import sixteen_bit_weights
 from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
-from llmc.frontend.torch_export import import_torch_model
+from llmc.frontend.torch_export import MAX_EXPORT_LENGTH, import_torch_model
 from llmc.ir import Module
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
 from llmc.codegen.package_writer import write_package
@@ -28,6 +28,10 @@ from llmc.targets import get_target
 from .progress import NoProgress, Reporter, Stages
 
 DEFAULT_CONTEXT = 4096
+# What transformers' configs call the position limit, most common first (GPT-2 and GPT-1: n_positions, MPT:
+# max_seq_len, CTRL: n_ctx).
+POSITION_LIMIT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                        "max_sequence_length")
 
 
 def context_length(config: dict[str, Any] | None) -> int:
@@ -35,7 +39,8 @@ def context_length(config: dict[str, Any] | None) -> int:
     window when that is shorter (within the window, full causal attention is exact)."""
     if not config:
         return DEFAULT_CONTEXT
-    length = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    limits = [config.get(name) for name in POSITION_LIMIT_NAMES if config.get(name)]
+    length = int(limits[0]) if limits else DEFAULT_CONTEXT
     window = config.get("sliding_window")
     if window and config.get("use_sliding_window", True) is not False:
         length = min(length, int(window))
@@ -101,8 +106,8 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
             sources = (gguf_source_weights(source.path, torch_model) if source.kind == "gguf"
                        else sixteen_bit_weights(source.folder, torch_model))
         progress.stage("exporting with torch.export and importing into llmc IR")
-        module = import_torch_model(torch_model)
         config = model_config(torch_model) if hasattr(torch_model, "config") else None
+        module = import_torch_model(torch_model, context_length(config) if config else MAX_EXPORT_LENGTH)
         info = _model_info(module, name, config, type(torch_model).__name__)
     module = run_pipeline(module, options, on_pass=progress.stage, sources=sources)
     tokenizer_info = None

@@ -3,9 +3,10 @@
 
 The imported graph computes attention over the whole sequence with a causal mask. This
 pass finds every attention (whole, or spelled out: see attention_patterns), checks that
-its mask is causal, takes K and V from before their grouped-query expansion, and
-replaces it with `paged_attention`, which appends K and V to the cache of its layer and
-attends over each sequence's cached tokens. The tokens of all sequences in a step are
+its mask is causal (also just past any window-sized constant in its graph that is shorter
+than the model's context, where a sliding or local window would show), takes K and V
+from before their grouped-query expansion, and replaces it with `paged_attention`, which
+appends K and V to the cache of its layer and attends over each sequence's cached tokens. The tokens of all sequences in a step are
 packed along the sequence axis, so every other op stays per-token; the positions that
 fed the rotary embedding (`arange` over the sequence) become an input that the runtime
 fills with each token's position in its own sequence. `prefill` also takes the rows
@@ -29,12 +30,15 @@ from llmc.ir.kv_storage import kv_storage
 
 from . import attention_patterns
 from .rewrite import Rule, builder_for, match, op, rewrite, var
+from .token_mixing import first_token_mixing
 
 SWAP_HEADS_AND_TOKENS = [0, 2, 1, 3]
 SEQ = "seq"
 BATCH = D.DECODE_TOKENS
 ROWS = "rows"
 MASK_CHECK_LENGTHS = (1, 6, 17)
+# The longest probe for a window: a (length, length) mask of this size still evaluates in moments.
+MAX_WINDOW_PROBE = 2048
 # Ops that act on each token's logits alone, which may follow the output head (casts, softcapping).
 PER_TOKEN_TAIL_OPS = {"cast", "multiply", "divide", "add", "subtract", "tanh"}
 
@@ -61,31 +65,67 @@ def _unrepeated(node: Node) -> Node:
     return x
 
 
-def _mask_is_causal(graph: Graph, attention: Node, weights: dict[str, np.ndarray]) -> bool:
+def _window_lengths(probe: Graph, context: int) -> list[int]:
+    """Lengths just past each integer constant in the mask's graph that could be a window's size (a sliding or
+    local window is compared with position differences) and that fit in the context, up to MAX_WINDOW_PROBE
+    tokens: at those lengths a windowed mask stops being causal, where the short probes cannot tell. A window as
+    long as the context never binds."""
+    sizes = {int(n.attrs["value"]) for n in probe.nodes if n.op == "constant" and not isinstance(n.attrs["value"], list)
+             and float(n.attrs["value"]).is_integer()}
+    return sorted(size + 1 for size in sizes if MASK_CHECK_LENGTHS[-1] <= size < min(context, MAX_WINDOW_PROBE))
+
+
+def _first_non_causal_length(graph: Graph, attention: Node, weights: dict[str, np.ndarray],
+                             context: int) -> int | None:
+    """The first probed sequence length at which the attention's mask is not the causal mask, or None."""
     mask = attention.inputs[3]
     if mask is None:
-        return bool(attention.attrs["causal"])
+        return None if attention.attrs["causal"] else MASK_CHECK_LENGTHS[0]
     probe = Graph("mask_probe", graph.inputs, [mask])
-    for length in MASK_CHECK_LENGTHS:
+    for length in (*MASK_CHECK_LENGTHS, *_window_lengths(probe, context)):
         inputs = {n.name: np.zeros(n.type.concrete_shape({SEQ: length}), dtype=np.int64) for n in graph.inputs}
         value = np.asarray(run_graph(probe, inputs, weights)[0])
         keep = value if value.dtype == np.bool_ else value > -1e30
         if value.dtype != np.bool_ and np.any((value != 0) & keep):
-            return False
+            return length
         causal = np.tril(np.ones((length, length), dtype=bool))
         if attention.attrs["causal"]:
             keep = keep & causal
         if keep.shape[-2:] != (length, length) or not np.all(keep == causal):
-            return False
-    return True
+            return length
+    return None
 
 
-def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim) -> tuple[list[Node], KVCacheType]:
+SCORE_OPS = {"add", "multiply", "divide", "cast", "where", "tanh"}
+
+
+def _soft_capped_scores(graph: Graph) -> Node | None:
+    """A softmax whose scores pass through tanh on their way from a matmul: attention-logit soft-capping."""
+    for softmax in (n for n in graph.nodes if n.op == "softmax"):
+        frontier = [(softmax.inputs[0], False)]
+        while frontier:
+            node, capped = frontier.pop()
+            if node is None or node.op not in SCORE_OPS:
+                continue
+            capped = capped or node.op == "tanh"
+            if capped and any(i is not None and i.op == "matmul" for i in node.inputs):
+                return softmax
+            frontier.extend((i, capped) for i in node.inputs)
+    return None
+
+
+def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim,
+                      context: int) -> tuple[list[Node], KVCacheType]:
     attentions = [n for n in graph.nodes if n.op == "attention"]
     if not attentions:
+        capped = _soft_capped_scores(graph)
+        if capped is not None:
+            raise KVCacheLoweringError(f"attention {_where(capped)} soft-caps its scores (tanh before the softmax, "
+                                       "as Gemma 2 does), which llmc's paged attention does not do yet")
         raise KVCacheLoweringError("the model has no attention llmc recognises (scaled_dot_product_attention or "
                                    "softmax(q @ k^T * scale + mask) @ v), so it cannot get a KV cache")
     shapes = set()
+    non_causal_at: dict = {}
     for node in attentions:
         q, k, v = node.inputs[0], _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2])
         if q.type.shape[0] != 1 or not D.equal(q.type.shape[2], seq):
@@ -99,7 +139,15 @@ def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim) 
         if q.type.shape[3] != v.type.shape[3]:
             raise KVCacheLoweringError(f"attention {_where(node)}: keys and values of different widths are not "
                                        "supported")
-        if not _mask_is_causal(graph, node, weights):
+        mask_key = id(node.inputs[3]) if node.inputs[3] is not None else (None, node.attrs["causal"])
+        if mask_key not in non_causal_at:
+            non_causal_at[mask_key] = _first_non_causal_length(graph, node, weights, context)
+        length = non_causal_at[mask_key]
+        if length is not None and length > MASK_CHECK_LENGTHS[-1]:
+            raise KVCacheLoweringError(f"attention {_where(node)}: its mask stops being causal at {length} tokens "
+                                       f"(a sliding or local window of {length - 1}), which llmc's paged KV cache "
+                                       "does not apply yet")
+        if length is not None:
             raise KVCacheLoweringError(f"attention {_where(node)}: its mask is not the causal mask, so llmc cannot "
                                        "replace it with the KV cache's causal attention")
         shapes.add((q.type.shape[1], k.type.shape[1], q.type.shape[3], q.type.dtype))
@@ -133,9 +181,29 @@ def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, se
             return None
         return positions if node.type.dtype == "int64" else b.op("cast", [positions], {"dtype": node.type.dtype})
 
+    def running_count(b: GraphBuilder, m: dict[str, Node]) -> Node:
+        """A cumulative sum of a constant along the sequence (OPT counts its positions so) is the constant times
+        each token's position plus one."""
+        node, fill = m["cumsum"], m["fill"]
+        axis = node.attrs["axis"] % node.type.rank
+        others = [d for i, d in enumerate(node.type.shape) if i != axis]
+        if not D.equal(node.type.shape[axis], seq) or any(not D.equal(d, 1) for d in others):
+            return None
+        dtype = node.type.dtype
+        count = b.op("add", [b.op("cast", [positions], {"dtype": dtype}),
+                             b.op("constant", [], {"value": 1, "dtype": dtype})])
+        total = b.op("multiply", [count, b.op("constant", [], {"value": fill.attrs["value"], "dtype": dtype})])
+        return b.op("reshape", [total], {"shape": list(node.type.shape)}, name=node.name, source=node.source)
+
     rules = [Rule("paged_attention", op("attention", var(), var(), var(), name="attention"), paged),
-             Rule("positions", op("arange", name="arange"), position)]
+             Rule("positions", op("arange", name="arange"), position),
+             Rule("running_count", op("cumsum", op("full", name="fill"), name="cumsum"), running_count)]
     stepped = rewrite(graph, rules, builder, max_rounds=1)
+    mixing = first_token_mixing(stepped, SEQ)
+    if mixing is not None:
+        node, why = mixing
+        raise KVCacheLoweringError(f"node {_where(node)} does {why}: the model combines tokens outside attention, "
+                                   "which llmc's batched KV-cache steps cannot run")
     return Graph(graph.name, [stepped.inputs[0], positions, cache], stepped.outputs)
 
 
@@ -191,7 +259,8 @@ def lower_kv_cache(module: Module, storage: str = "f32") -> Module:
     if len(forward.outputs) != 1 or forward.outputs[0].type.rank != 3:
         raise KVCacheLoweringError("forward must return one tensor of logits (1, seq, vocab)")
     graph = rewrite(forward, attention_patterns.RULES)
-    _, cache_type = _attention_layers(graph, module.weights, seq)
+    context = module.metadata.get("context_length", MAX_WINDOW_PROBE)
+    _, cache_type = _attention_layers(graph, module.weights, seq, context)
     kv_storage(storage).check(cache_type.head_dim)
     cache_type = dataclasses.replace(cache_type, storage=storage)
     builder = builder_for(graph)

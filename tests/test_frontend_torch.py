@@ -73,3 +73,65 @@ def test_printout_names_the_symbolic_input(tiny_model):
     text = print_module(import_torch_model(tiny_model("qwen2_untied")))
     assert "func forward(%input_ids: i64[1, seq])" in text
     assert "attention(" in text
+
+
+class OnHidden(torch.nn.Module):
+    """Token embeddings (1, seq, 8), then `fn` of them: a harness for one converter at a time."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.weight = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.fn = fn
+
+    def forward(self, input_ids):
+        return self.fn(self, self.embed(input_ids) * 3)
+
+
+def _in_place(m, h):
+    scaled = h * 1.5
+    scaled.mul_(2).add_(m.weight).div_(3)
+    return scaled - h
+
+
+CONVERTERS = {
+    "square": lambda m, h: torch.square(h),
+    "expm1": lambda m, h: torch.expm1(h),
+    "log1p": lambda m, h: torch.log1p(h.abs()),
+    "softplus": lambda m, h: torch.nn.functional.softplus(h * 10, beta=0.5, threshold=5),
+    "min.other and max.other": lambda m, h: torch.min(h, m.weight) + torch.max(h, -m.weight),
+    "floor": lambda m, h: torch.floor(h),
+    "logsumexp": lambda m, h: torch.logsumexp(h * 40, dim=-1, keepdim=True) + torch.logsumexp(h, dim=-1)[..., None],
+    "rms_norm": lambda m, h: torch.nn.functional.rms_norm(h, (8,), m.weight, eps=1e-6),
+    "baddbmm": lambda m, h: torch.baddbmm(h, h, (torch.ones(8, 8) * m.weight)[None], beta=0.5, alpha=2.0),
+    "view_as": lambda m, h: h.reshape(-1).view_as(h),
+    "index_select": lambda m, h: h.index_select(-1, torch.tensor([3, 0, 3])),
+    "detach_": lambda m, h: (h * 2).detach_(),
+    "repeat": lambda m, h: h.repeat(2, 1, 3),
+    "repeat_interleave": lambda m, h: h.repeat_interleave(2, dim=-1),
+    "true division of integers": lambda m, h: h + torch.arange(h.shape[1])[None, :, None] / 3,
+    "in-place arithmetic": _in_place,
+}
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_converter_computes_what_pytorch_computes(name):
+    model = OnHidden(CONVERTERS[name])
+    module = import_torch_model(model)
+    for length in (1, 5):
+        ids = np.random.default_rng(length).integers(0, 16, (1, length))
+        (result,) = run(module, "forward", {"input_ids": ids})
+        with torch.no_grad():
+            expected = model(torch.tensor(ids)).numpy()
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_changing_a_view_in_place_is_refused():
+    """An in-place op on a slice also changes the tensor it views, which the importer does not follow."""
+    def zero_first_token(m, h):
+        copy = h * 1
+        copy[:, :1].mul_(0)
+        return copy
+
+    with pytest.raises(UnsupportedOpsError, match="in place"):
+        import_torch_model(OnHidden(zero_first_token))

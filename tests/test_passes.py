@@ -126,6 +126,87 @@ def test_model_without_attention_is_refused():
         lower_kv_cache(import_torch_model(NoAttention()))
 
 
+class CausalWithExtra(torch.nn.Module):
+    """Causal self-attention, then `extra` applied to the hidden states (batch 1, seq, 16)."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.head = torch.nn.Linear(16, 32)
+        self.extra = extra
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(1, -1, 2, 8).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        return self.head(self.extra(y.transpose(1, 2).reshape(1, -1, 16)))
+
+
+@pytest.mark.parametrize("extra, what", [
+    (lambda h: h.cumsum(dim=1), "cumsum along the sequence axis"),
+    (lambda h: h - h.mean(dim=1, keepdim=True), "mean over the sequence axis"),
+    (lambda h: torch.cat([h[:, :1] * 0, h], dim=1)[:, :h.shape[1]], "slice of the sequence axis"),
+])
+def test_a_model_that_mixes_tokens_outside_attention_is_refused(extra, what):
+    """Packed steps run every op but attention per token; a model that combines tokens elsewhere (a running sum,
+    a mean over the sequence, a token shift) would decode wrongly, so the lowering names the node and refuses."""
+    with pytest.raises(KVCacheLoweringError, match=f"does .*{what}.*combines tokens outside attention"):
+        lower_kv_cache(import_torch_model(CausalWithExtra(extra)))
+
+
+def test_positions_counted_by_a_cumulative_sum_become_the_positions_input():
+    """OPT numbers its positions as cumsum(ones) - 1; the lowered graph takes them from the positions input, so a
+    token decoded alone gets its own position (it once got position 0 and decoded wrong tokens)."""
+    table = torch.nn.Embedding(64, 16)
+
+    def add_positions(h):
+        positions = torch.ones(1, h.shape[1]).cumsum(dim=1).long() - 1
+        return h + table(positions)
+
+    model = CausalWithExtra(add_positions)
+    model.table = table
+    module = import_torch_model(model)
+    lowered = lower_kv_cache(module)
+    assert "cumsum" not in lowered.functions["decode"].op_counts()
+    ids = np.array([[3, 9, 4, 20, 7]])
+    (expected,) = run(module, "forward", {"input_ids": ids})
+    cache = _kv_reference(lowered)
+    cache.begin_forward([0], [4])
+    run(lowered, "prefill", {"input_ids": ids[:, :4], "positions": np.arange(4), "logit_rows": np.arange(4),
+                             "kv_cache": cache})
+    cache.begin_forward([0], [1])
+    (last,) = run(lowered, "decode", {"input_ids": ids[:, 4:], "positions": np.array([4]), "kv_cache": cache})
+    np.testing.assert_allclose(last[0], expected[0, 4], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("context, lowered", [(32, True), (256, False)])
+def test_a_sliding_window_shorter_than_the_context_is_refused(context, lowered):
+    """Mistral's mask with a 32-token window is causal for 32 tokens: the lowering accepts it for a 32-token
+    context and refuses it, naming the window, for a longer one (the paged cache would attend past the window)."""
+    import transformers
+
+    config = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        sliding_window=32)
+    module = import_torch_model(transformers.AutoModelForCausalLM.from_config(config).eval(), context)
+    if lowered:
+        assert lower_kv_cache(module).functions["decode"].op_counts()["paged_attention"] == 2
+    else:
+        with pytest.raises(KVCacheLoweringError, match="stops being causal at 33 tokens .*window of 32"):
+            lower_kv_cache(module)
+
+
+def test_soft_capped_attention_is_refused_by_name():
+    """Gemma 2 squashes its attention scores with tanh before the softmax; the refusal says so."""
+    import transformers
+
+    config = transformers.Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=256)
+    module = import_torch_model(transformers.AutoModelForCausalLM.from_config(config).eval(), 256)
+    with pytest.raises(KVCacheLoweringError, match="soft-caps its scores"):
+        lower_kv_cache(module)
+
+
 def test_attention_patterns_build_attention_nodes():
     rng = np.random.default_rng(5)
     b = GraphBuilder()

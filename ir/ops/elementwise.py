@@ -56,6 +56,7 @@ UNARY = {
     "cos": (np.cos, "cosine"),
     "tanh": (np.tanh, "hyperbolic tangent"),
     "abs": (np.abs, "absolute value"),
+    "floor": (np.floor, "the largest integer not above x"),
     "erf": (_erf, "error function"),
     "sigmoid": (lambda x: 1.0 / (1.0 + np.exp(-x)), "1 / (1 + e ** -x)"),
     "silu": (lambda x: x / (1.0 + np.exp(-x)), "x * sigmoid(x)"),
