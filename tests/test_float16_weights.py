@@ -16,8 +16,7 @@ from llmc.compiler import compile_model
 from llmc.passes.pipeline import PassOptions
 from llmc.runtime.package import Package
 from llmc.runtime.sampling import SamplingParams
-from test_generation import transformers_greedy
-from tiny_models import build_tiny
+from tiny_models import build_tiny, transformers_greedy
 
 
 def _sixteen_bit_folder(name: str, dtype: torch.dtype, folder):

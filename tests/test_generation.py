@@ -15,19 +15,9 @@ from llmc.runtime.model import CacheSettings, ContextOverflow
 from llmc.runtime.request import StopStrings
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.tokenizer import TextStream, Tokenizer
-from tiny_models import TINY_MODELS
+from tiny_models import TINY_MODELS, transformers_greedy
 
 NEW_TOKENS = 64
-
-
-def transformers_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = [float(torch.log_softmax(step[0].double(), -1)[t]) for step, t in zip(out.logits, tokens)]
-    return tokens, logprobs
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -52,6 +52,19 @@ def build_tiny(name: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
     return model.eval()
 
 
+def transformers_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int,
+                        use_cache: bool = True) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens after `prompt` (EOS ignored) and the log-probability of each."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             use_cache=use_cache)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [float(torch.log_softmax(step[0].double(), -1)[t]) for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
 CHAT_WORDS = "the quick brown fox jumps over the lazy dog while many requests share one batch".split()
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -40,7 +40,7 @@ mechanism that no family's defaults use (rotary scaling) on that family.
 
 def parse_rows(text: str) -> dict[str, str]:
     """model_type -> its whole table row, from an existing table."""
-    return {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    return {match["type"]: match[0] for match in map(TABLE_ROW.match, text.splitlines()) if match}
 
 
 def row(outcome: Outcome) -> str:
