@@ -6,8 +6,10 @@ pass finds every attention (whole, or spelled out: see attention_patterns), chec
 its mask is causal (also just past any window-sized constant in its graph that is shorter
 than the model's context, where a sliding or local window would show), takes K and V
 from before their grouped-query expansion, and replaces it with `paged_attention`, which
-appends K and V to the cache of its layer and attends over each sequence's cached tokens. The tokens of all sequences in a step are
-packed along the sequence axis, so every other op stays per-token; the positions that
+appends K and V to the cache of its layer and attends over each sequence's cached tokens.
+The tokens of all sequences in a step are packed along the sequence axis, so every other
+op stays per-token (a graph that combines tokens elsewhere is refused: token_mixing.py),
+and a running count along the sequence is read as the positions; the positions that
 fed the rotary embedding (`arange` over the sequence) become an input that the runtime
 fills with each token's position in its own sequence. `prefill` also takes the rows
 whose logits are wanted and gathers them before the output head; `decode` is the same
