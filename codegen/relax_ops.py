@@ -126,6 +126,13 @@ def _cumsum(cx, node, args):
     return cx.emit(relax.op.cumsum(args[0], node.attrs["axis"], cx.dtype(node.type.dtype)), node.name)
 
 
+@lowers("topk")
+def _topk(cx, node, args):
+    attrs = node.attrs
+    return cx.emit(relax.op.topk(args[0], attrs["k"], attrs["axis"], ret_type=attrs["output"], largest=True,
+                                 dtype="int64"), node.name)
+
+
 def _as_rank3(cx, node: Node, value, name: str):
     """`value` (of `node`'s type) as a (batch, seq, features) tensor, the layout matmul kernels take."""
     shape = node.type.shape
@@ -293,6 +300,11 @@ def _take(cx, node, args):
     # "clip" rather than TVM's unchecked "fast": the runtime validates token ids, and a bad index must
     # never read outside the table.
     return cx.emit(relax.op.take(args[0], args[1], node.attrs["axis"], mode="clip"), node.name)
+
+
+@lowers("gather")
+def _gather(cx, node, args):
+    return cx.emit(relax.op.gather_elements(args[0], args[1], node.attrs["axis"]), node.name)
 
 
 @lowers("index")

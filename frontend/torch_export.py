@@ -37,6 +37,7 @@ def export_causal_lm(model: torch.nn.Module, max_length: int = MAX_EXPORT_LENGTH
     specialise at exactly that length, hence the strict bound. After KV-cache lowering the sequence axis counts one
     step's tokens, so the bound only steers which branch the trace takes, not how long a step may be."""
     wrapped = CausalLMWrapper(model) if hasattr(model, "config") else model
+    _choose_traceable_experts(model)
     wrapped.eval()
     ids = torch.arange(1, sample_length + 1, dtype=torch.int64).reshape(1, -1)
     seq = Dim("seq", min=1, max=max(max_length - 1, sample_length + 1))
@@ -47,6 +48,16 @@ def export_causal_lm(model: torch.nn.Module, max_length: int = MAX_EXPORT_LENGTH
     except Exception as error:  # torch raises many types here; the user needs the first line
         raise LlmcError(f"torch.export could not export the model ({type(error).__name__}): "
                         f"{_reason(error)}") from None
+
+
+def _choose_traceable_experts(model: torch.nn.Module) -> None:
+    """Mixture-of-experts layers in transformers dispatch to an experts implementation. The default loops over the
+    experts that some token chose (control flow on tensor values), where "batched_mm" gathers each token's chosen
+    experts' weights by index and multiplies them in one batched matmul: a graph with no data-dependent shapes,
+    whose decode step reads only the chosen experts' weights."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if can_set is not None and can_set():
+        model.set_experts_implementation("batched_mm")
 
 
 def _reason(error: Exception) -> str:

@@ -144,7 +144,8 @@ class _Importer:
     def _rebind_mutated(self, node: torch.fx.Node) -> None:
         """After an in-place op (`mul_`), later uses of the tensor it mutated read its result. That is only right
         when the tensor owns its memory: a mutated view would also change the tensor it views, and a mutated
-        parameter or input would change the model's state."""
+        parameter or input would change the model's state. A view that is the only use of a computed tensor may
+        change: nothing else reads that tensor (`bmm(...).squeeze(1).add_(bias)`)."""
         schema = getattr(node.target, "_schema", None)
         if schema is None or not schema.name.endswith("_") or not isinstance(node.args[0], torch.fx.Node):
             return
@@ -153,7 +154,7 @@ class _Importer:
         # A view aliases what it views; an in-place op's result is the tensor it changed, checked when it ran.
         aliases = (mutated_schema is not None and not mutated_schema.name.endswith("_")
                    and any(r.alias_info is not None for r in mutated_schema.returns))
-        if mutated.op != "call_function" or aliases:
+        if mutated.op != "call_function" or (aliases and not _sole_view(mutated)):
             raise UnsupportedOpsError(f"cannot import node {node.name} ({node.target}): it changes {mutated.name} "
                                       "in place, which is a view, a parameter or an input")
         self.env[mutated] = self.env[node]
@@ -179,3 +180,9 @@ class _Importer:
 def import_exported_program(program: ExportedProgram, function_name: str = "forward") -> Module:
     """The IR module of `program`, with one function called `function_name`."""
     return _Importer(program).run(function_name)
+
+
+def _sole_view(view: torch.fx.Node) -> bool:
+    """Whether `view` views a tensor computed in the graph that nothing but `view` uses."""
+    base = view.args[0]
+    return isinstance(base, torch.fx.Node) and base.op == "call_function" and list(base.users) == [view]

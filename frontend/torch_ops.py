@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from llmc.ir import Node
+from llmc.ir import dims as D
 
 from .emitter import Emitter, torch_dtype
 
@@ -169,7 +170,7 @@ def _relu(em, args, kwargs, val):
     return em.binary("maximum", args[0], 0, val)
 
 
-@converts("aten.clamp.default")
+@converts("aten.clamp.default", "aten.clamp.Tensor")
 def _clamp(em, args, kwargs, val):
     x = args[0]
     low = kwargs.get("min", args[1] if len(args) > 1 else None)
@@ -208,7 +209,8 @@ def _reduction(ir_op: str) -> Converter:
 
 for _torch_name, _ir_name in {"mean.dim": "mean", "sum.dim_IntList": "sum", "amax.default": "max",
                               "amin.default": "min", "any.dim": "any", "any.dims": "any",
-                              "mean.default": "mean", "sum.default": "sum"}.items():
+                              "mean.default": "mean", "sum.default": "sum", "max.default": "max",
+                              "min.default": "min"}.items():
     TABLE[f"aten.{_torch_name}"] = _reduction(_ir_name)
 
 
@@ -225,6 +227,19 @@ def _logsumexp(em, args, kwargs, val):
     return total if keepdim else em.reshape(total, em.shape_of(val))
 
 
+@converts("aten.max.dim", "aten.min.dim")
+def _extreme_and_position(em, args, kwargs, val):
+    """(values, indices) of the largest (max.dim) or smallest (min.dim) along `dim`, the first position winning a
+    tie as in PyTorch: the top-1 of x, or of -x."""
+    x, axis = args[0], args[1]
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    largest = em.current_target == "aten.max.dim"
+    values = em.op("max" if largest else "min", [x], {"axes": [axis], "keepdims": bool(keepdim)})
+    ranked = x if largest else em.op("negative", [x])
+    positions = em.op("topk", [ranked], {"k": 1, "axis": axis, "output": "indices"})
+    return [values, em.reshape(positions, em.shape_of(val[1]))]
+
+
 @converts("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
 def _softmax(em, args, kwargs, val):
     return em.op("softmax", [em.cast(args[0], torch_dtype(val.dtype))], {"axis": args[1]})
@@ -238,6 +253,17 @@ def _log_softmax(em, args, kwargs, val):
 @converts("aten.cumsum.default")
 def _cumsum(em, args, kwargs, val):
     return em.op("cumsum", [args[0]], {"axis": args[1], "dtype": torch_dtype(val.dtype)})
+
+
+@converts("aten.topk.default")
+def _topk(em, args, kwargs, val):
+    names = ("self", "k", "dim", "largest", "sorted")
+    bound = dict(zip(names, args), **kwargs)
+    if not bound.get("largest", True):
+        raise em.unsupported("topk of the smallest values (largest=False)")
+    attrs = {"k": bound["k"], "axis": bound.get("dim", -1)}
+    return [em.op("topk", [bound["self"]], {**attrs, "output": "values"}),
+            em.op("topk", [bound["self"]], {**attrs, "output": "indices"})]
 
 
 @converts("aten.layer_norm.default")
@@ -450,16 +476,45 @@ def _select(em, args, kwargs, val):
 
 @converts("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int")
 def _split(em, args, kwargs, val):
+    """Consecutive slices along `dim`; unbind's slices are one long, and lose that axis."""
     x = args[0]
-    axis = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    unbind = em.current_target == "aten.unbind.int"
+    axis = (args[1] if unbind else args[2]) if len(args) > (1 if unbind else 2) else kwargs.get("dim", 0)
+    axis %= x.type.rank
     parts, start = [], 0
     for piece in val:
-        length = piece.shape[axis]
+        length = 1 if unbind else piece.shape[axis]
         size = em.dim(length)
         node = em.op("slice", [x], {"axis": axis, "start": start, "end": start + size, "step": 1})
         parts.append(em.reshape(node, em.shape_of(piece)))
         start = start + size
     return parts
+
+
+@converts("aten.gather.default")
+def _gather(em, args, kwargs, val):
+    if kwargs.get("sparse_grad") or (len(args) > 3 and args[3]):
+        raise em.unsupported("gather with sparse_grad")
+    return em.op("gather", [args[0], args[2]], {"axis": args[1]})
+
+
+@converts("aten.scatter.value", "aten.scatter_.value")
+def _scatter_value(em, args, kwargs, val):
+    """x with `value` written where `index` points along `dim`: where(any(index == position), value, x), the
+    comparison made on a new axis of positions beside `dim` (a router marking its chosen groups)."""
+    x, axis, index, value = args[:4]
+    if kwargs.get("reduce") or len(args) > 4:
+        raise em.unsupported("scatter with a reduction")
+    rank = x.type.rank
+    axis %= rank
+    if any(not D.equal(a, b) for i, (a, b) in enumerate(zip(x.type.shape, index.type.shape)) if i != axis):
+        raise em.unsupported("scatter with an index smaller than the tensor outside `dim`")
+    size = x.type.shape[axis]
+    beside = em.reshape(index, [*index.type.shape[:axis + 1], 1, *index.type.shape[axis + 1:]])
+    positions = em.reshape(em.op("arange", [], {"end": size, "dtype": index.type.dtype}),
+                           [1] * (axis + 1) + [size] + [1] * (rank - axis - 1))
+    pointed = em.op("any", [em.op("equal", [beside, positions])], {"axes": [axis], "keepdims": False})
+    return em.where(pointed, value, x, val)
 
 
 @converts("aten.index.Tensor")

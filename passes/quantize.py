@@ -44,9 +44,30 @@ def _weight(node: Node) -> str | None:
     return node.attrs["weight"] if node.op == PARAM else None
 
 
+def _router_weights(module: Module) -> set[str]:
+    """The weights of the linears that score experts for a top-k choice (mixture-of-experts routers). They are
+    small and decide which weights a token reads, so they keep their format, as llama.cpp keeps its
+    `ffn_gate_inp` in float32."""
+    found: set[str] = set()
+    for graph in module.functions.values():
+        frontier = [n.inputs[0] for n in graph.nodes if n.op == "topk"]
+        seen: set[int] = set()
+        while frontier:
+            node = frontier.pop()
+            if node is None or id(node) in seen or node.op == PARAM:
+                continue
+            seen.add(id(node))
+            if node.op == "linear":
+                found.update(filter(None, [_weight(node.inputs[1])]))
+            else:
+                frontier.extend(node.inputs)
+    return found
+
+
 def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str, SourceWeight] | None = None
                     ) -> Module:
     vocab = {g.outputs[0].type.shape[-1] for g in module.functions.values()}
+    routers = _router_weights(module)
     sources = sources or {}
     weights = dict(module.weights)
     made: dict[str, tuple[list[str], int | None]] = {}
@@ -54,9 +75,15 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
 
     def chosen(name: str, table_only: bool = False) -> tuple[str, Quantized | np.ndarray] | None:
         """The format `name` gets, and its IR form, or None to keep it as it is. A table read only by lookups
-        (an untied embedding) is no head: it keeps the checkpoint's form."""
+        (an untied embedding) is no head: it keeps the checkpoint's form. Experts' weights (experts, rows,
+        inputs) are stored as one row per expert, the groups running along each of its rows in turn."""
         weight = module.weights[name]
-        choice = "auto" if table_only else head if weight.shape[0] in vocab else layers
+        experts = weight.ndim == 3
+        if experts:
+            weight = weight.reshape(weight.shape[0], -1) if weight.shape[2] % GROUP == 0 else weight
+        choice = "auto" if table_only else layers if experts else head if weight.shape[0] in vocab else layers
+        if choice == "auto" and experts:
+            return None
         if choice == "auto":
             source = sources.get(name)
             return (source.format, source.data) if source else None
@@ -88,7 +115,7 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
     def on_linear(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
         node = m["linear"]
         name = _weight(node.inputs[1])
-        found = stored(builder, name) if name else None
+        found = stored(builder, name) if name and name not in routers else None
         if found is None:
             return None
         (params, bits), (x, _, bias, residual) = found, node.inputs
@@ -114,9 +141,30 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
         return builder.op("quantized_take", [*params, node.inputs[1]], {"bits": bits},
                           name=node.name, source=node.source)
 
+    def on_expert_gather(builder: GraphBuilder, m: dict[str, Node]) -> Node | None:
+        """Each token's chosen experts' weights, gathered by index (transformers' batched experts): read in
+        their format, as rows of a table of one row per expert."""
+        node = m["index"]
+        name = _weight(node.inputs[0])
+        if name is None or module.weights[name].ndim != 3:
+            return None
+        found = stored(builder, name)
+        if found is None:
+            return None
+        params, bits = found
+        if bits is None:
+            rows = builder.op("cast", [builder.op("take", [params[0], node.inputs[1]], {"axis": 0},
+                                                  name=node.name + "_16bit")], {"dtype": "float32"})
+        else:
+            rows = builder.op("quantized_take", [*params, node.inputs[1]], {"bits": bits}, name=node.name + "_rows")
+        return builder.op("reshape", [rows], {"shape": list(node.type.shape)}, name=node.name, source=node.source)
+
     linear_rule = Rule("quantize linear", op("linear", var(), var(), name="linear"), on_linear)
+    experts_rule = Rule("gather experts' weights in their format", op("index", var(), var(), name="index"),
+                        on_expert_gather)
     take_rule = Rule("read embeddings in their format", op("take", var(), var(), name="take"), on_take)
-    functions = {name: rewrite(graph, [linear_rule], max_rounds=1) for name, graph in module.functions.items()}
+    functions = {name: rewrite(graph, [linear_rule, experts_rule], max_rounds=1)
+                 for name, graph in module.functions.items()}
     functions = {name: rewrite(graph, [take_rule], max_rounds=1) for name, graph in functions.items()}
     used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
     return Module(functions, {k: v for k, v in weights.items() if k in used},

@@ -145,7 +145,14 @@ def build_model(model_type: str) -> torch.nn.Module:
         raise ValueError(f"the tiny config still has {parameters / 1e6:.0f}M parameters: the family's config "
                          "ignores the generic size names")
     torch.manual_seed(sum(map(ord, model_type)))
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Some families initialise a matrix to zero (AFMoE's router), which ties every expert's score, and top-k has no
+    # defined order among ties: give such matrices random values, as training would.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2 and not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model
 
 
 def prompt_for(model_type: str) -> list[int]:

@@ -111,6 +111,15 @@ CONVERTERS = {
     "repeat_interleave": lambda m, h: h.repeat_interleave(2, dim=-1),
     "true division of integers": lambda m, h: h + torch.arange(h.shape[1])[None, :, None] / 3,
     "in-place arithmetic": _in_place,
+    "topk": lambda m, h: torch.topk(h, 3, dim=-1).values.sum(-1, keepdim=True) + torch.topk(h, 1, dim=1).indices,
+    "gather": lambda m, h: h.gather(-1, torch.topk(h, 2).indices),
+    "max.dim and min.dim": lambda m, h: (h.max(-1).values + h.max(-1).indices)[..., None] + h.min(1, True).values
+    + h.min(dim=1, keepdim=True).indices,
+    "max.default and min.default": lambda m, h: h - h.max() + h.min(),
+    "scatter_ of a value": lambda m, h: torch.zeros_like(h).scatter_(-1, torch.topk(h, 2).indices, 1.5) * h,
+    "clamp.Tensor": lambda m, h: torch.clamp(h, min=-m.weight, max=m.weight),
+    "unbind": lambda m, h: (h.unbind(2)[0] * 2 + h.unbind(dim=-1)[3])[..., None] + h.unbind(0)[0],
+    "a computed tensor's only view changed in place": lambda m, h: (h * 2).squeeze(0).add_(m.weight),
 }
 
 

@@ -88,3 +88,31 @@ define("cumsum", ("x",), _cumsum_infer,
        lambda values, attrs, out_shape: as_dtype(np.cumsum(values[0], axis=attrs["axis"]),
                                                  attrs["dtype"] or values[0].dtype.name),
        "Running sum along `axis`, in `dtype` (the input's when None).", attrs={"axis": REQUIRED, "dtype": None})
+
+
+def _topk_infer(types, attrs):
+    x = rules.tensor(types[0], "topk")
+    axis = rules.axis("topk", attrs["axis"], x.rank)
+    k = attrs["k"]
+    size = x.shape[axis]
+    if not isinstance(k, int) or k < 1 or (isinstance(size, int) and k > size):
+        raise IRError(f"op topk: k must be an integer from 1 to the axis' size {size}, got {k!r}")
+    if attrs["output"] not in ("values", "indices"):
+        raise IRError(f"op topk: output must be 'values' or 'indices', got {attrs['output']!r}")
+    shape = tuple(k if i == axis else d for i, d in enumerate(x.shape))
+    return x.with_shape(shape) if attrs["output"] == "values" else x.with_shape(shape).with_dtype("int64")
+
+
+def _topk_reference(values, attrs, out_shape):
+    x, axis, k = values[0], attrs["axis"], attrs["k"]
+    order = np.argsort(-x.astype(np.float64), axis=axis, kind="stable")  # the largest first, ties by position
+    chosen = np.take(order, np.arange(k), axis=axis)
+    if attrs["output"] == "indices":
+        return chosen.astype(np.int64)
+    return np.take_along_axis(x, chosen, axis=axis)
+
+
+define("topk", ("x",), _topk_infer, _topk_reference,
+       "The `k` largest values along `axis`, largest first (equal values in order of position), or, with "
+       "output='indices', their positions as int64. Mixture-of-experts routers choose their experts with it.",
+       attrs={"k": REQUIRED, "axis": -1, "output": "values"})

@@ -145,6 +145,25 @@ define("take", ("x", "indices"), _take_infer,
        attrs={"axis": 0})
 
 
+def _gather_infer(types, attrs):
+    x = rules.tensor(types[0], "gather")
+    indices = rules.tensor(types[1], "gather", "indices")
+    if indices.dtype not in ("int64", "int32"):
+        raise IRError(f"op gather: indices must be integers, got {indices.dtype}")
+    axis = rules.axis("gather", attrs["axis"], x.rank)
+    if indices.rank != x.rank or any(D.normalize(a) != D.normalize(b) for i, (a, b) in
+                                     enumerate(zip(x.shape, indices.shape)) if i != axis):
+        raise IRError(f"op gather: indices {list(indices.shape)} must have x's shape {list(x.shape)} except along "
+                      f"axis {axis}")
+    return x.with_shape(indices.shape)
+
+
+define("gather", ("x", "indices"), _gather_infer,
+       lambda values, attrs, out_shape: np.take_along_axis(values[0], values[1], axis=attrs["axis"]),
+       "out[..., i, ...] = x[..., indices[..., i, ...], ...] along `axis` (torch.gather, NumPy take_along_axis).",
+       attrs={"axis": REQUIRED})
+
+
 def _index_infer(types, attrs):
     x = rules.tensor(types[0], "index")
     indices = [rules.tensor(t, "index", "indices") for t in types[1:]]
