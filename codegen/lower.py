@@ -120,6 +120,11 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
         name, dtype = refused[0]
         raise LlmcError(f"target {target.name} cannot hold {dtype} weights ({len(refused)} of them, {name} first): "
                         f"{target.refused_weight_dtypes[dtype]}. Compile with --quant f16, q8 or q4 (or f32)")
+    refused_ops = [n for graph in module.functions.values() for n in graph.nodes if n.op in target.refused_ops]
+    if refused_ops:
+        node = refused_ops[0]
+        raise LlmcError(f"target {target.name} does not run {target.refused_ops[node.op]}: node %{node.name}"
+                        + (f" ({node.source})" if node.source else "") + f". Compile this model for another target")
     caches = {n.type for graph in module.functions.values() for n in graph.inputs if isinstance(n.type, KVCacheType)}
     if len(caches) > 1:
         raise LlmcError("the module's functions disagree about the KV cache they use")

@@ -126,11 +126,41 @@ def _cumsum(cx, node, args):
     return cx.emit(relax.op.cumsum(args[0], node.attrs["axis"], cx.dtype(node.type.dtype)), node.name)
 
 
+def _top_k_by_rank(x, k: int, output: str, index_dtype: str):
+    """The k largest of x's last axis by rank: an element's rank counts the elements before it (larger, or equal
+    and earlier), and output j is the element of rank j. Quadratic in the axis (a router's few experts), with no
+    sort, so every target compiles it, and equal values keep their order as the IR's reference does."""
+    size = x.shape[-1]
+    other = te.reduce_axis((0, size), name="other")
+
+    def rank(*index):
+        mine, theirs = x[index], x[index[:-1] + (other,)]
+        before = tirx.any(theirs > mine, tirx.all(theirs == mine, other.var < index[-1]))
+        return te.sum(tirx.Select(before, tirx.const(1, "int32"), tirx.const(0, "int32")), axis=other)
+
+    ranks = te.compute(x.shape, rank, name="topk_rank")
+    pick = te.reduce_axis((0, size), name="pick")
+
+    def chosen(*index):
+        hit = ranks[index[:-1] + (pick,)] == index[-1].astype("int32")
+        if output == "indices":
+            return te.sum(tirx.Select(hit, pick.var.astype(index_dtype), tirx.const(0, index_dtype)), axis=pick)
+        return te.sum(tirx.Select(hit, x[index[:-1] + (pick,)], tirx.const(0, x.dtype)), axis=pick)
+
+    return te.compute(tuple(x.shape[:-1]) + (k,), chosen, name="topk")
+
+
 @lowers("topk")
 def _topk(cx, node, args):
-    attrs = node.attrs
-    return cx.emit(relax.op.topk(args[0], attrs["k"], attrs["axis"], ret_type=attrs["output"], largest=True,
-                                 dtype="int64"), node.name)
+    """Along the last axis; another axis is swapped with the last one before and after."""
+    rank, attrs = node.inputs[0].type.rank, node.attrs
+    axis = attrs["axis"] % rank
+    swap = list(range(rank))
+    swap[axis], swap[-1] = swap[-1], swap[axis]
+    x = args[0] if axis == rank - 1 else cx.emit(relax.op.permute_dims(args[0], swap), node.name + "_in")
+    top = cx.emit_te(lambda values: _top_k_by_rank(values, attrs["k"], attrs["output"], cx.dtype("int64")), x,
+                     name="topk")
+    return top if axis == rank - 1 else cx.emit(relax.op.permute_dims(top, swap), node.name)
 
 
 def _as_rank3(cx, node: Node, value, name: str):
@@ -186,6 +216,21 @@ def _linear(cx, node, args):
         return _matmul_te(x, weight, extra[0] if has_bias else None, extra[-1] if has_residual else None, "linear")
 
     return cx.emit_te(compute, x, weight, *[a for a in (bias, residual) if a is not None], name="linear")
+
+
+@lowers("expert_linear")
+def _expert_linear(cx, node, args):
+    x, weight, experts = args
+    kernel = cx.target.kernel(node)
+    if kernel is not None:
+        return cx.call_kernel(kernel, args, cx.symbols.shape(node.type.shape), node.type.dtype, node.name)
+
+    def compute(x, weight, experts):
+        k = te.reduce_axis((0, weight.shape[2]), name="k")
+        return te.compute((x.shape[0], weight.shape[1]),
+                          lambda t, n: te.sum(x[t, k] * weight[experts[t], n, k], axis=k), name="expert_linear")
+
+    return cx.emit_te(compute, x, weight, experts, name="expert_linear")
 
 
 def _code_byte(codes, row, index, words: bool, signed: bool):

@@ -7,7 +7,9 @@ llmc's own KV-cache lowering adds one later.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -37,12 +39,11 @@ def export_causal_lm(model: torch.nn.Module, max_length: int = MAX_EXPORT_LENGTH
     specialise at exactly that length, hence the strict bound. After KV-cache lowering the sequence axis counts one
     step's tokens, so the bound only steers which branch the trace takes, not how long a step may be."""
     wrapped = CausalLMWrapper(model) if hasattr(model, "config") else model
-    _choose_traceable_experts(model)
     wrapped.eval()
     ids = torch.arange(1, sample_length + 1, dtype=torch.int64).reshape(1, -1)
     seq = Dim("seq", min=1, max=max(max_length - 1, sample_length + 1))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _traceable_experts(model):
             warnings.simplefilter("ignore")
             return torch.export.export(wrapped, (ids,), dynamic_shapes=({1: seq},), strict=False)
     except Exception as error:  # torch raises many types here; the user needs the first line
@@ -50,14 +51,22 @@ def export_causal_lm(model: torch.nn.Module, max_length: int = MAX_EXPORT_LENGTH
                         f"{_reason(error)}") from None
 
 
-def _choose_traceable_experts(model: torch.nn.Module) -> None:
+@contextlib.contextmanager
+def _traceable_experts(model: torch.nn.Module) -> Iterator[None]:
     """Mixture-of-experts layers in transformers dispatch to an experts implementation. The default loops over the
     experts that some token chose (control flow on tensor values), where "batched_mm" gathers each token's chosen
     experts' weights by index and multiplies them in one batched matmul: a graph with no data-dependent shapes,
-    whose decode step reads only the chosen experts' weights."""
+    whose decode step reads only the chosen experts' weights. The model gets its own choice back afterwards."""
     can_set = getattr(model, "_can_set_experts_implementation", None)
-    if can_set is not None and can_set():
-        model.set_experts_implementation("batched_mm")
+    if can_set is None or not can_set():
+        yield
+        return
+    chosen = model.config._experts_implementation
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(chosen)
 
 
 def _reason(error: Exception) -> str:

@@ -9,9 +9,6 @@ and running need only the runtime install; compiling needs the `compiler` extra.
 
 from llmc.errors import LlmcError
 from llmc.runtime.sampling import SamplingParams
-from llmc.threads import set_default_threads
-
-set_default_threads()
 
 
 def compile(model, output, targets=("cpu",), quantization: str = "auto"):  # noqa: A001  (the public verb)

@@ -66,10 +66,17 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
                                          help="how the KV cache stores keys and values: f32, f16, q8 (8-bit, "
                                               "a scale per 32) or q4 (4-bit, a scale per 32, Hadamard-rotated)"),
             tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
-                                                    help="folder or tokenizer.json to take the tokenizer from")) -> None:
+                                                    help="folder or tokenizer.json to take the tokenizer from"),
+            verbose: bool = typer.Option(False, "--verbose", "-v",
+                                         help="say which rewrite rules fired in each function")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
         require_compiler("llmc compile")
+        if verbose:
+            import logging
+
+            logging.basicConfig(format="%(name)s: %(message)s")
+            logging.getLogger("llmc.passes").setLevel(logging.DEBUG)
         from llmc.compiler import compile_with_progress
         from llmc.passes.pipeline import PassOptions
 

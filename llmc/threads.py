@@ -3,8 +3,9 @@
 TVM's thread pool, left alone, takes half of the logical CPUs on x86 (it assumes two
 hyper-threads per core), which on a machine without SMT, such as a 2-core VM, runs
 every kernel on one core. The pool reads `TVM_NUM_THREADS` when it starts (the first
-parallel kernel), so the default is set in the environment when llmc is imported; a
-value already there, or `--threads`, wins.
+parallel kernel), so the default is set in the environment where llmc loads TVM (the
+runtime's tvm_runtime, the compiler's targets), not on `import llmc`; a value already
+there, or `--threads`, wins.
 """
 
 from __future__ import annotations

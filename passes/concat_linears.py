@@ -18,7 +18,7 @@ import numpy as np
 
 from llmc.ir import PARAM, GraphBuilder, Module, Node, TensorType
 
-from .rewrite import Rule, op, rewrite, var
+from .rewrite import Rule, op, rewrite_once, var
 
 # op -> (positions of its weight arrays, position of its bias, position of its residual)
 LINEAR_OPS = {"linear": ((1,), 2, 3), "quantized_linear": ((1, 2, 3), 4, 5)}
@@ -105,6 +105,6 @@ def concat_linears(module: Module) -> Module:
                                                   "step": 1}, name=linear.name, source=linear.source)
 
     rules = [Rule(f"concatenate {name}s", op(name, var(), var(), name="linear"), build) for name in LINEAR_OPS]
-    functions = {name: rewrite(graph, rules, max_rounds=1) for name, graph in module.functions.items()}
+    functions = {name: rewrite_once(graph, rules) for name, graph in module.functions.items()}
     used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
     return Module(functions, {k: v for k, v in weights.items() if k in used}, module.metadata)

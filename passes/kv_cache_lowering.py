@@ -31,7 +31,7 @@ from llmc.ir.graph import substitute_dims
 from llmc.ir.kv_storage import kv_storage
 
 from . import attention_patterns
-from .rewrite import Rule, builder_for, match, op, rewrite, var
+from .rewrite import Rule, builder_for, match, op, rewrite, rewrite_once, var
 from .token_mixing import first_token_mixing
 
 SWAP_HEADS_AND_TOKENS = [0, 2, 1, 3]
@@ -200,7 +200,7 @@ def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, se
     rules = [Rule("paged_attention", op("attention", var(), var(), var(), name="attention"), paged),
              Rule("positions", op("arange", name="arange"), position),
              Rule("running_count", op("cumsum", op("full", name="fill"), name="cumsum"), running_count)]
-    stepped = rewrite(graph, rules, builder, max_rounds=1)
+    stepped = rewrite_once(graph, rules, builder)
     mixing = first_token_mixing(stepped, SEQ)
     if mixing is not None:
         node, why = mixing

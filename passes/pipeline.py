@@ -9,6 +9,7 @@ from llmc.ir import LlmcError, Module, verify_module
 from llmc.ir.kv_storage import kv_storage
 
 from .concat_linears import concat_linears
+from .fuse_expert_linear import fuse_expert_linear
 from .fold_transposes import fold_transposes
 from .fuse_residual import fuse_residual
 from .fuse_rms_norm import fuse_rms_norm
@@ -53,6 +54,7 @@ def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = No
         steps.append((f"weight formats ({options.quantization}, head {options.head})",
                       lambda module: quantize_module(module, options.quantization, options.head, sources)))
     steps += [
+        ("read the chosen experts' weights in place", fuse_expert_linear),
         ("concatenate matmuls that share an input", concat_linears),
         ("fold residual adds into matmuls", fuse_residual),
     ]

@@ -23,7 +23,7 @@ import numpy as np
 from llmc.ir import PARAM, GraphBuilder, Module, Node, TensorType
 from llmc.ir.quant_formats import GROUP, SIXTEEN_BIT_SUFFIX, Quantized, quantize
 
-from .rewrite import Rule, op, rewrite, var
+from .rewrite import Rule, op, rewrite_once, var
 
 FORMATS = {"auto": None, "q4": 4, "q8": 8, "f16": 16, "f32": None}
 F16, BF16 = "F16", "BF16"
@@ -163,9 +163,9 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
     experts_rule = Rule("gather experts' weights in their format", op("index", var(), var(), name="index"),
                         on_expert_gather)
     take_rule = Rule("read embeddings in their format", op("take", var(), var(), name="take"), on_take)
-    functions = {name: rewrite(graph, [linear_rule, experts_rule], max_rounds=1)
+    functions = {name: rewrite_once(graph, [linear_rule, experts_rule])
                  for name, graph in module.functions.items()}
-    functions = {name: rewrite(graph, [take_rule], max_rounds=1) for name, graph in functions.items()}
+    functions = {name: rewrite_once(graph, [take_rule]) for name, graph in functions.items()}
     used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
     return Module(functions, {k: v for k, v in weights.items() if k in used},
                   {**module.metadata, "quantization": {"layers": layers, "head": head, "formats": formats}})

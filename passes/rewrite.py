@@ -6,17 +6,22 @@ A pattern is written as plain math over pattern variables, e.g.
 operators build `add`/`multiply`/... patterns (commutative ops match either operand
 order). A `Rule` pairs a pattern with a function that builds the replacement from the
 bound nodes, or returns None to decline. `rewrite` applies rules over a graph in
-topological order until nothing changes. Fusion, KV-cache lowering and quantization
+topological order until nothing changes (and raises if that takes too many rounds);
+`rewrite_once` makes one such pass. Fusion, KV-cache lowering and quantization
 are lists of such rules.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from llmc.ir import Graph, GraphBuilder, Module, Node, clone_with
+from llmc.ir import Graph, GraphBuilder, LlmcError, Module, Node, clone_with
 
+# Which rules fired in each graph, at debug level (`llmc compile --verbose` shows it).
+LOG = logging.getLogger("llmc.passes")
 COMMUTATIVE = {"add", "multiply", "maximum", "minimum", "logical_and", "logical_or", "equal", "not_equal"}
 
 
@@ -122,32 +127,58 @@ def builder_for(graph: Graph) -> GraphBuilder:
     return GraphBuilder(reserved=[n.name for n in graph.nodes])
 
 
-def rewrite(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder | None = None, max_rounds: int = 8) -> Graph:
-    """Apply `rules` to every node, inputs first, repeating until a round changes nothing."""
-    builder = builder or builder_for(graph)
-    for _ in range(max_rounds):
-        changed = False
-        mapping: dict[int, Node] = {}
-        users = {key: len(value) for key, value in graph.users().items()}
-        uses: dict[int, int] = {}
-        for node in graph.nodes:
-            current = clone_with(node, [mapping.get(id(i), i) if i is not None else None for i in node.inputs])
-            for rule in rules:
-                bindings = match(rule.pattern, current)
-                if bindings is None or any(uses.get(id(bindings[n]), 0) != 1 for n in rule.single_use):
-                    continue
-                replacement = rule.build(builder, bindings)
-                if replacement is not None and replacement is not current:
-                    current = replacement
-                    changed = True
-                    break
-            mapping[id(node)] = current
-            uses[id(current)] = users[id(node)] + sum(1 for out in graph.outputs if out is node)
-        graph = Graph(graph.name, [mapping[id(n)] for n in graph.inputs], [mapping[id(n)] for n in graph.outputs])
-        if not changed:
-            break
+class RewriteLimitError(LlmcError):
+    """Rules kept changing a graph for more rounds than allowed: they undo each other, or grow the graph."""
+
+
+def _sweep(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder, fired: Counter) -> tuple[Graph, bool]:
+    """One pass of `rules` over every node, inputs first; whether any rule changed a node."""
+    changed = False
+    mapping: dict[int, Node] = {}
+    users = {key: len(value) for key, value in graph.users().items()}
+    uses: dict[int, int] = {}
+    for node in graph.nodes:
+        current = clone_with(node, [mapping.get(id(i), i) if i is not None else None for i in node.inputs])
+        for rule in rules:
+            bindings = match(rule.pattern, current)
+            if bindings is None or any(uses.get(id(bindings[n]), 0) != 1 for n in rule.single_use):
+                continue
+            replacement = rule.build(builder, bindings)
+            if replacement is not None and replacement is not current:
+                current = replacement
+                changed = True
+                fired[rule.name] += 1
+                break
+        mapping[id(node)] = current
+        uses[id(current)] = users[id(node)] + sum(1 for out in graph.outputs if out is node)
+    return Graph(graph.name, [mapping[id(n)] for n in graph.inputs], [mapping[id(n)] for n in graph.outputs]), changed
+
+
+def _report(graph: Graph, fired: Counter) -> None:
+    if fired:
+        LOG.debug("%s: %s", graph.name, ", ".join(f"{name} x{count}" for name, count in sorted(fired.items())))
+
+
+def rewrite_once(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder | None = None) -> Graph:
+    """Apply `rules` to every node once, inputs first (a replacement is not matched again)."""
+    fired: Counter = Counter()
+    graph, _ = _sweep(graph, rules, builder or builder_for(graph), fired)
+    _report(graph, fired)
     return graph
 
+
+def rewrite(graph: Graph, rules: Sequence[Rule], builder: GraphBuilder | None = None, max_rounds: int = 8) -> Graph:
+    """Apply `rules` to every node, inputs first, repeating until a round changes nothing. A graph still changing
+    after `max_rounds` rounds is an error, never a half-rewritten graph."""
+    builder = builder or builder_for(graph)
+    fired: Counter = Counter()
+    for _ in range(max_rounds):
+        graph, changed = _sweep(graph, rules, builder, fired)
+        if not changed:
+            _report(graph, fired)
+            return graph
+    raise RewriteLimitError(f"rewriting {graph.name} did not settle in {max_rounds} rounds (rules fired: "
+                            f"{', '.join(sorted(fired))})")
 
 
 def rewrite_module(module: Module, rules: Sequence[Rule]) -> Module:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.threads import set_default_threads
 
 # apache-tvm-ffi imports torch and ml_dtypes when they are installed (a work-around for a Windows symbol
 # clash, and bfloat16 arrays); the runtime passes neither torch tensors nor bfloat16 arrays, and the two
@@ -45,6 +46,7 @@ def _import_ffi() -> Any:
     return tvm_ffi
 
 
+set_default_threads()  # before TVM's thread pool starts, which is on the first parallel kernel
 ffi = _import_ffi()
 Shape = ffi.Shape
 

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tvm
-from tvm import relax
+from llmc.threads import set_default_threads
+
+set_default_threads()  # before TVM's thread pool starts, which is on the first parallel kernel the compiler runs
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
 
 from llmc.ir import KVCacheType, LlmcError, Node
 
@@ -60,6 +63,8 @@ class Target(ABC):
     bytes_as_words: bool = False
     # Weight dtypes this target's kernel language cannot hold, and why; a package for it is refused.
     refused_weight_dtypes: dict[str, str] = {}
+    # IR ops this target cannot run yet, and what they do; a package that uses one is refused.
+    refused_ops: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -77,6 +77,10 @@ class CpuTarget(Target):
             if linear.supported(n, k) and (weight != "float16" or self._has_f16c()):
                 return Kernel(f"linear_{weight}_{n}x{k}{'_bias' * has_bias}{'_residual' * has_residual}",
                               linear.linear_float(n, k, weight, has_bias, has_residual))
+        if node.op == "expert_linear" and node.type.dtype == "float32" and node.inputs[1].type.dtype == "float32":
+            experts, n, k = node.inputs[1].type.shape
+            if n % matmul.ROWS_PER_TASK == 0 and k % matmul.LANES == 0:
+                return Kernel(f"expert_linear_{experts}x{n}x{k}", linear.expert_linear(experts, n, k))
         if node.op == "quantized_linear" and self._has_avx2():
             n, k = node.type.shape[-1], node.inputs[0].type.shape[-1]
             bits, scales = node.attrs["bits"], node.inputs[2].type

@@ -43,6 +43,7 @@ class VulkanTarget(Target):
     runtime_libraries = ()
     bytes_as_words = True
     refused_weight_dtypes = {"bfloat16": "WGSL has no bfloat16, nor a 16-bit integer to hold its bits"}
+    refused_ops = {"topk": "mixture-of-experts routing (top-k), whose kernels the WebGPU executor cannot launch yet"}
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})

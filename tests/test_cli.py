@@ -52,13 +52,14 @@ def test_a_truncated_gguf(tmp_path, size):
 
 
 def test_a_model_with_an_unsupported_op(tmp_path):
-    """Mixtral routes tokens to experts with ops llmc does not import yet (histc counts tokens per expert)."""
-    config = transformers.MixtralConfig(vocab_size=128, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    """JetMoE routes tokens with ops llmc does not import yet (index_add sums each expert's rows back)."""
+    config = transformers.JetMoeConfig(vocab_size=128, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=4, num_key_value_heads=2, kv_channels=8,
+                                       num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mixtral")
-    assert_clean_failure(llmc_cli("compile", str(tmp_path / "mixtral"), "-o", str(tmp_path / "out")),
-                         "cannot import yet: ", "aten.histc.default", "modeling_mixtral.py")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "jetmoe")
+    assert_clean_failure(llmc_cli("compile", str(tmp_path / "jetmoe"), "-o", str(tmp_path / "out")),
+                         "cannot import yet: ", "aten.index_add.default", "modeling_jetmoe.py")
 
 
 def test_a_package_with_a_corrupted_weight_file(tiny_package, tmp_path):

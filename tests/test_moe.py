@@ -14,7 +14,7 @@ import transformers
 import llmc
 from llmc.compiler import compile_model
 from llmc.frontend.torch_export import import_torch_model
-from llmc.ir import Graph, IRError, KVCacheType, Node, ReferenceKVCache, TensorType, dims, ops, run
+from llmc.ir import Graph, IRError, KVCacheType, LlmcError, Node, ReferenceKVCache, TensorType, dims, ops, run
 from llmc.passes.pipeline import PassOptions, run_pipeline
 
 EXPERTS, CHOSEN = 4, 2
@@ -42,7 +42,9 @@ def _source_ops(node: Node) -> set[str]:
     return found
 
 
-GATHERS = {"index": 1, "take": 1, "quantized_take": 3}  # each gather op -> the position of its indices
+# Each op that reads an expert weight -> the position of its indices: f32 weights are read in place by
+# expert_linear, 16-bit and quantized ones gathered (then dequantized) by index.
+GATHERS = {"expert_linear": 2, "index": 1, "take": 1, "quantized_take": 3}
 
 
 def expert_weight_reads(graph: Graph) -> dict[str, list[Node]]:
@@ -52,15 +54,17 @@ def expert_weight_reads(graph: Graph) -> dict[str, list[Node]]:
     return {param.name: users[id(param)] for param in graph.params() if ".experts." in param.name}
 
 
-@pytest.mark.parametrize("quantization, arrays_per_weight", [("f32", 1), ("f16", 1), ("q4", 3), ("q8", 2)])
-def test_decode_reads_only_the_chosen_experts_weights(tiny_mixtral, quantization, arrays_per_weight):
+@pytest.mark.parametrize("quantization, arrays_per_weight, reader", [("f32", 1, "expert_linear"), ("f16", 1, "take"),
+                                                                    ("q4", 3, "quantized_take"),
+                                                                    ("q8", 2, "quantized_take")])
+def test_decode_reads_only_the_chosen_experts_weights(tiny_mixtral, quantization, arrays_per_weight, reader):
     """In the decode step every expert weight, in each format, is read only by a gather whose indices come from
     the router's top-k: the chosen experts' slices, CHOSEN of EXPERTS per token, not the whole weight."""
     module = run_pipeline(import_torch_model(tiny_mixtral, 256), PassOptions(quantization))
     reads = expert_weight_reads(module.functions["decode"])
     assert len(reads) == 2 * 2 * arrays_per_weight  # gate_up and down, in each of the 2 layers
     for name, readers in reads.items():
-        assert len(readers) == 1 and readers[0].op in GATHERS, f"{name} is read by {readers}"
+        assert [r.op for r in readers] == [reader], f"{name} is read by {readers}"
         indices = readers[0].inputs[GATHERS[readers[0].op]]
         assert "topk" in _source_ops(indices), f"{name} is indexed by something other than the router"
         slices_read = dims.product(indices.type.shape)
@@ -81,6 +85,11 @@ def test_quantized_experts_compile_to_what_the_interpreter_computes(tiny_mixtral
     engine = llmc.load(compile_model(tiny_mixtral, tmp_path / "pkg", options=PassOptions("q4")))
     got = engine.model.score(ids.tolist())
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_the_vulkan_target_refuses_expert_routing_at_compile_time(tiny_mixtral, tmp_path):
+    with pytest.raises(LlmcError, match=r"target vulkan does not run mixture-of-experts routing .top-k.*: node %topk"):
+        compile_model(tiny_mixtral, tmp_path / "pkg", targets=["vulkan"])
 
 
 def test_topk_keeps_the_largest_first_and_ties_in_order():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from llmc.ir import GraphBuilder, Graph, KVCacheType, Module, ReferenceKVCache, 
 from llmc.ir import dims as D
 from llmc.passes import attention_patterns
 from llmc.passes.kv_cache_lowering import KVCacheLoweringError, lower_kv_cache
-from llmc.passes.rewrite import Rule, match, op, rewrite, var
+from llmc.passes.rewrite import Rule, RewriteLimitError, match, op, rewrite, var
 from tiny_models import build_tiny
 
 TOL = 1e-5
@@ -24,6 +26,24 @@ def test_rewrite_applies_rules_until_nothing_changes():
     double_negation = Rule("double negation", op("negative", op("negative", var("x"))), lambda _, m: m["x"])
     result = rewrite(Graph("f", [x], [y]), [double_negation])
     assert result.outputs[0] is x
+
+
+def test_rewrite_logs_the_rules_that_fired(caplog):
+    b = GraphBuilder()
+    x = b.input("x", TensorType((4,), "float32"))
+    y = b.op("negative", [b.op("negative", [b.op("negative", [b.op("negative", [x])])])])
+    double_negation = Rule("double negation", op("negative", op("negative", var("x"))), lambda _, m: m["x"])
+    with caplog.at_level(logging.DEBUG, logger="llmc.passes"):
+        rewrite(Graph("f", [x], [y]), [double_negation])
+    assert "f: double negation x2" in caplog.text
+
+
+def test_rules_that_never_settle_are_an_error_not_a_half_rewritten_graph():
+    b = GraphBuilder()
+    x = b.input("x", TensorType((4,), "float32"))
+    renew = Rule("renew", op("negative", var("x")), lambda builder, m: builder.op("negative", [m["x"]]))
+    with pytest.raises(RewriteLimitError, match="rewriting f did not settle in 8 rounds .rules fired: renew."):
+        rewrite(Graph("f", [x], [b.op("negative", [x])]), [renew])
 
 
 def test_patterns_match_commutative_operands():

@@ -77,6 +77,15 @@ def test_llmc_run_on_a_package_imports_nothing_of_the_compiler(chat_package):
     assert NOTHING_IMPORTED in result.stderr
 
 
+def test_importing_llmc_changes_nothing_in_the_process():
+    """No environment variable set and no TVM loaded on `import llmc`: an app that embeds llmc keeps its settings
+    until it loads a package."""
+    script = ("import os, sys; os.environ.pop('TVM_NUM_THREADS', None); before = dict(os.environ); import llmc; "
+              "print(dict(os.environ) == before, [m for m in ('tvm', 'tvm_ffi', 'torch') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.stdout.split() == ["True", "[]"], done.stderr
+
+
 def test_the_runtime_install_has_no_compiler(runtime_python):
     found = subprocess.run([str(runtime_python), "-c", "import importlib.util, sys; print([n for n in sys.argv[1:] "
                             "if importlib.util.find_spec(n)])", *COMPILER_PACKAGES],

@@ -1,7 +1,7 @@
 """Regenerate tests/ARCHITECTURES.md: try every causal-LM architecture transformers knows (tests/architecture_survey.py)
 and write the table of verdicts.
 
-    python tests/write_architectures.py            # every architecture (about 7 minutes on 2 cores)
+    python tests/write_architectures.py            # every architecture (about 9 minutes on 2 cores)
     python tests/write_architectures.py llama gpt2 # only these rows; the others keep their recorded verdicts
 """
 

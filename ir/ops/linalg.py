@@ -67,3 +67,21 @@ define("linear", ("x", "weight", "bias?", "residual?"), _linear_infer, _linear_r
        "x @ weight.T + bias + residual, weight stored (out_features, in_features) as in PyTorch; the residual "
        "(a tensor of the output's shape) lets a following add run in the same pass. A float32 input may take a "
        "float16 or bfloat16 weight (computed as its exact float32 value).")
+
+
+def _expert_linear_infer(types, attrs):
+    x = rules.tensor(types[0], "expert_linear")
+    w = rules.tensor(types[1], "expert_linear", "weight")
+    experts = rules.indices(types[2], "expert_linear", "experts")
+    if x.rank != 2 or w.rank != 3 or not D.equal(x.shape[1], w.shape[2]) or w.dtype != x.dtype:
+        raise IRError(f"op expert_linear: input {x} does not fit the experts' weight {w} (experts, out, in)")
+    if experts.rank != 1 or not D.equal(experts.shape[0], x.shape[0]):
+        raise IRError(f"op expert_linear: experts {experts} must hold one integer per row of {x}")
+    return x.with_shape((x.shape[0], w.shape[1]))
+
+
+define("expert_linear", ("x", "weight", "experts"), _expert_linear_infer,
+       lambda values, attrs, out_shape: as_dtype(np.einsum("tk,tnk->tn", _wide(values[0]),
+                                                           _wide(values[1])[values[2]]), values[0].dtype.name),
+       "Row t of x times the weight of expert experts[t], transposed: y[t] = weight[experts[t]] @ x[t]. A "
+       "mixture-of-experts layer's product, reading only the chosen experts' weights.")

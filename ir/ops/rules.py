@@ -16,6 +16,14 @@ def tensor(t: Type | None, op: str, what: str = "input") -> TensorType:
     return t
 
 
+def indices(t: Type | None, op: str, what: str = "indices") -> TensorType:
+    """A tensor of integer positions (a gather's indices)."""
+    found = tensor(t, op, what)
+    if found.dtype not in ("int64", "int32"):
+        raise IRError(f"op {op}: {what} must be integers, got {found.dtype}")
+    return found
+
+
 def broadcast_shapes(op: str, *shapes: Sequence[Dim]) -> tuple[Dim, ...]:
     rank = max(len(s) for s in shapes)
     padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]

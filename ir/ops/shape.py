@@ -132,9 +132,7 @@ define("slice", ("x",), _slice_infer, _slice_reference,
 
 def _take_infer(types, attrs):
     x = rules.tensor(types[0], "take")
-    indices = rules.tensor(types[1], "take", "indices")
-    if indices.dtype not in ("int64", "int32"):
-        raise IRError(f"op take: indices must be integers, got {indices.dtype}")
+    indices = rules.indices(types[1], "take")
     axis = rules.axis("take", attrs["axis"], x.rank)
     return x.with_shape(x.shape[:axis] + indices.shape + x.shape[axis + 1:])
 
@@ -147,9 +145,7 @@ define("take", ("x", "indices"), _take_infer,
 
 def _gather_infer(types, attrs):
     x = rules.tensor(types[0], "gather")
-    indices = rules.tensor(types[1], "gather", "indices")
-    if indices.dtype not in ("int64", "int32"):
-        raise IRError(f"op gather: indices must be integers, got {indices.dtype}")
+    indices = rules.indices(types[1], "gather")
     axis = rules.axis("gather", attrs["axis"], x.rank)
     if indices.rank != x.rank or any(D.normalize(a) != D.normalize(b) for i, (a, b) in
                                      enumerate(zip(x.shape, indices.shape)) if i != axis):
@@ -166,12 +162,9 @@ define("gather", ("x", "indices"), _gather_infer,
 
 def _index_infer(types, attrs):
     x = rules.tensor(types[0], "index")
-    indices = [rules.tensor(t, "index", "indices") for t in types[1:]]
+    indices = [rules.indices(t, "index", "index tensors") for t in types[1:]]
     if not indices or len(indices) > x.rank:
         raise IRError(f"op index: needs 1 to {x.rank} index tensors, got {len(indices)}")
-    for t in indices:
-        if t.dtype not in ("int64", "int32"):
-            raise IRError(f"op index: index tensors must be integers, got {t.dtype}")
     batch = rules.broadcast_shapes("index", *(t.shape for t in indices))
     return x.with_shape(batch + x.shape[len(indices):])
 

@@ -124,3 +124,32 @@ def quantized_linear(n: int, k: int, bits: int, group: int, scale_dtype: str, ha
         else:
             body(x3.view(batch * seq, k), codes, scales, mins, bias, None, y3.view(batch * seq, n), batch * seq)
     return opaque(without_unused_params(quantized))
+
+
+@functools.lru_cache(maxsize=None)
+def expert_linear(experts: int, n: int, k: int):
+    """`expert_linear`: row t of x (m, k) times the (n, k) float32 weight of expert ids[t]. The GEMV loop nest of
+    `linear` with the weight chosen per row, so a row reads only its expert's weight, in place: parallel over
+    blocks of weight rows, each task runs every activation row through its block of its row's expert."""
+    rows, lanes = matmul.ROWS_PER_TASK, matmul.LANES
+
+    @T.prim_func
+    def expert_gemv(var_x: T.handle, w: T.Buffer((experts, n, k), "float32"), var_ids: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        ids = T.match_buffer(var_ids, (m,), "int64")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        for nb in T.parallel(n // rows):
+            acc = T.alloc_buffer((rows * lanes,), "float32")
+            for i in range(m):
+                expert: T.let[T.int64] = T.min(T.max(ids[i], T.int64(0)), T.int64(experts - 1))
+                for r in T.unroll(rows):
+                    acc[T.Ramp(r * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                for kl in range(k // lanes):
+                    for r in T.unroll(rows):
+                        acc[T.Ramp(r * lanes, 1, lanes)] = acc[T.Ramp(r * lanes, 1, lanes)] + \
+                            w[expert, nb * rows + r, T.Ramp(kl * lanes, 1, lanes)] * x[i, T.Ramp(kl * lanes, 1, lanes)]
+                for r in T.unroll(rows):
+                    y[i, nb * rows + r] = matmul.lane_sum(acc, r * lanes)
+    return opaque(expert_gemv)
