@@ -9,8 +9,8 @@ the CPU in f32:
 - `dense, total size`: Mistral with intermediate 8 x 1408, the weights of all experts.
 If decode reads only the chosen experts, `moe` runs near `dense, active size` and well ahead of `dense, total
 size`. Each run prefills a 32-token prompt and decodes `--tokens` tokens greedily; the engines alternate, and the
-table gives medians of `--runs` runs. PyTorch (transformers' eager Mixtral, its default experts implementation) decodes the
-same MoE model as the peer.
+table gives medians of `--runs` runs. PyTorch (transformers' eager Mixtral, its default experts implementation)
+decodes the same MoE model as the peer.
 """
 
 from __future__ import annotations
