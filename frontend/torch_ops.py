@@ -230,14 +230,17 @@ def _logsumexp(em, args, kwargs, val):
 @converts("aten.max.dim", "aten.min.dim")
 def _extreme_and_position(em, args, kwargs, val):
     """(values, indices) of the largest (max.dim) or smallest (min.dim) along `dim`, the first position winning a
-    tie as in PyTorch: the top-1 of x, or of -x."""
-    x, axis = args[0], args[1]
-    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-    largest = em.current_target == "aten.max.dim"
-    values = em.op("max" if largest else "min", [x], {"axes": [axis], "keepdims": bool(keepdim)})
-    ranked = x if largest else em.op("negative", [x])
-    positions = em.op("topk", [ranked], {"k": 1, "axis": axis, "output": "indices"})
-    return [values, em.reshape(positions, em.shape_of(val[1]))]
+    tie as in PyTorch: the least position whose value equals the extreme, in one pass over the axis."""
+    x, axis = args[0], args[1] % args[0].type.rank
+    keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+    extreme = em.op("max" if em.current_target == "aten.max.dim" else "min", [x], {"axes": [axis], "keepdims": True})
+    size = x.type.shape[axis]
+    positions = em.reshape(em.op("arange", [], {"end": size, "dtype": "int64"}),
+                           [size if i == axis else 1 for i in range(x.type.rank)])
+    candidates = em.op("where", [em.op("equal", [x, extreme]), positions,
+                                 em.op("constant", [], {"value": size, "dtype": "int64"})])
+    first = em.op("min", [candidates], {"axes": [axis], "keepdims": keepdim})
+    return [extreme if keepdim else em.reshape(extreme, em.shape_of(val[0])), first]
 
 
 @converts("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")

@@ -76,11 +76,11 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
     def chosen(name: str, table_only: bool = False) -> tuple[str, Quantized | np.ndarray] | None:
         """The format `name` gets, and its IR form, or None to keep it as it is. A table read only by lookups
         (an untied embedding) is no head: it keeps the checkpoint's form. Experts' weights (experts, rows,
-        inputs) are stored as one row per expert, the groups running along each of its rows in turn."""
+        inputs) are stored as one row per expert, which a gather dequantizes whole."""
         weight = module.weights[name]
         experts = weight.ndim == 3
         if experts:
-            weight = weight.reshape(weight.shape[0], -1) if weight.shape[2] % GROUP == 0 else weight
+            weight = weight.reshape(weight.shape[0], -1)
         choice = "auto" if table_only else layers if experts else head if weight.shape[0] in vocab else layers
         if choice == "auto" and experts:
             return None
