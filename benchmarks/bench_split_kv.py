@@ -35,7 +35,7 @@ CONTEXTS = (512, 2048, 4096, 8192)
 
 
 def build(storage: KVStorage, max_splits: int):
-    kernel = attention.paged_decode(storage, KV_HEADS, Q_HEADS, HEAD_DIM, PAGE, max_splits)
+    kernel = attention.paged_decode(storage, KV_HEADS, Q_HEADS, HEAD_DIM, None, None, PAGE, max_splits)
     return tvm.tirx.build(tvm.IRModule({"main": kernel}), target=get_target("cpu").tvm_target())["main"]
 
 

@@ -101,6 +101,16 @@ def _build_kv_cache_creator(cache: KVCacheType, tvm_target) -> tvm.IRModule:
     return bb.get()
 
 
+def _kernel_variants(cache: KVCacheType) -> list[str]:
+    """What the cache's attention does beyond plain causal attention, in words."""
+    variants = []
+    if cache.softcap is not None:
+        variants.append(f"soft-caps its scores at {cache.softcap:g} (as Gemma 2 does)")
+    if cache.window is not None:
+        variants.append(f"slides a window of {cache.window} tokens in some layers")
+    return variants
+
+
 def _stores(target: Target, own_cache: OwnKVCache | None, cache: KVCacheType) -> bool:
     """Whether the target's attention kernels read and write the cache's storage format."""
     if cache.storage == "f32":
@@ -133,6 +143,11 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
     if cache is not None and not _stores(target, own_cache, cache):
         raise LlmcError(f"target {target.name} cannot store the KV cache as {cache.storage} (llmc's quantized and "
                         "16-bit caches run on the cpu and vulkan targets so far); compile for it with --kv-cache f32")
+    needs = _kernel_variants(cache) if cache is not None else []
+    if needs and not target.attends_with_own_kernels(cache):
+        raise LlmcError(f"target {target.name} cannot run this model's attention, which {' and '.join(needs)}: its "
+                        "attention kernels are TVM's, which do not. llmc's own CPU kernels do (float32 activations, "
+                        "head size a multiple of 8), and vulkan's")
     bb = relax.BlockBuilder()
     kernels: dict = {}
     for graph in module.functions.values():

@@ -424,6 +424,9 @@ def _attention(cx, node, args):
     dtype = q_type.dtype
     scores = relax.op.multiply(relax.op.matmul(q, relax.op.permute_dims(k, [0, 1, 3, 2])), relax.const(scale, dtype))
     scores = cx.emit(scores, node.name + "_scores")
+    if node.attrs["softcap"] is not None:
+        cap = relax.const(node.attrs["softcap"], dtype)
+        scores = cx.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(scores, cap)), cap), node.name + "_capped")
     low = relax.const(-np.inf, dtype)
     if mask is not None:
         if node.inputs[3].type.dtype == "bool":
@@ -451,10 +454,14 @@ def _paged_attention(cx, node, args):
     def rows(x, heads):
         return relax.op.reshape(x, [tokens, heads, dim])
 
+    # TVM's runtime tells the kernels nothing of the layer but its scale: llmc's kernels read a negative one as
+    # "this layer is windowed" (targets/cpu_kernels/attention.py).
+    scale = -float(node.attrs["scale"]) if node.attrs["windowed"] else float(node.attrs["scale"])
+
     def attend(qkv, heads: int, width: int, dtype: str) -> relax.Expr:
         return cx.emit(relax.call_dps_packed(
             "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
-            [cache, relax.prim_value(node.attrs["layer"]), relax.prim_value(float(node.attrs["scale"])), qkv],
+            [cache, relax.prim_value(node.attrs["layer"]), relax.prim_value(scale), qkv],
             out_ty=relax.TensorType((tokens, heads, width), dtype)), node.name + "_out")
 
     q, k, v = rows(q, cache_type.num_q_heads), rows(k, cache_type.num_kv_heads), rows(v, cache_type.num_kv_heads)

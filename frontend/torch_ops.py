@@ -522,10 +522,21 @@ def _scatter_value(em, args, kwargs, val):
 
 @converts("aten.index.Tensor")
 def _index(em, args, kwargs, val):
-    indices = list(args[1])
-    if any(i is None for i in indices):
-        raise em.unsupported("index with slices (None) among the index tensors")
-    return em.op("index", [args[0], *indices])
+    """Advanced indexing: index tensors for the leading axes are `index`; one index tensor after whole slices
+    (x[..., [-2], :], Falcon splitting its fused heads) is `take` along its axis, negative positions counted from
+    the axis' end (take clips)."""
+    x, indices = args[0], list(args[1])
+    if all(i is not None for i in indices):
+        return em.op("index", [x, *indices])
+    given = [axis for axis, index in enumerate(indices) if index is not None]
+    if len(given) != 1:
+        raise em.unsupported("index with slices (None) among several index tensors")
+    axis = given[0]
+    positions = indices[axis]
+    dtype = positions.type.dtype
+    negative = em.op("less", [positions, em.constant(0, dtype)])
+    from_end = em.op("add", [positions, em.constant(x.type.shape[axis], dtype)])
+    return em.op("take", [x, em.op("where", [negative, from_end, positions])], {"axis": axis})
 
 
 @converts("aten.diff.default")

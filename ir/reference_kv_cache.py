@@ -47,7 +47,10 @@ class ReferenceKVCache:
     def end_forward(self) -> None:
         self._batch = []
 
-    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+               windowed: bool = False) -> np.ndarray:
+        """Append k and v to `layer` for the step's sequences and attend causally, within the cache's window if the
+        layer is windowed."""
         out = np.empty_like(q)
         start = 0
         for seq_id, count in self._batch:
@@ -56,8 +59,10 @@ class ReferenceKVCache:
             values = np.concatenate([self._values[seq_id][layer], self.storage.round_trip(v[0, :, span])], axis=1)
             self._keys[seq_id][layer], self._values[seq_id][layer] = keys, values
             past = keys.shape[1] - count
-            mask = np.arange(keys.shape[1])[None, :] <= past + np.arange(count)[:, None]
-            out[0, :, span] = attend(q[0, :, span], keys.astype(q.dtype), values.astype(q.dtype), mask, scale)
+            distance = past + np.arange(count)[:, None] - np.arange(keys.shape[1])[None, :]
+            mask = (distance >= 0) & (distance < self.type.window) if windowed else distance >= 0
+            out[0, :, span] = attend(q[0, :, span], keys.astype(q.dtype), values.astype(q.dtype), mask, scale,
+                                     self.type.softcap)
             start += count
         if start != q.shape[2]:
             raise IRError(f"the forward step announced {start} tokens but the graph got {q.shape[2]}")

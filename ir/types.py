@@ -86,11 +86,20 @@ class KVCacheType:
     dtype: str
     # How pages store keys and values (ir/kv_storage.py): f32, f16, q8 or q4.
     storage: str = "f32"
+    # Attention-logit soft-capping (Gemma 2): every layer's scaled scores s become cap * tanh(s / cap) before the
+    # softmax. The attention kernels are built for the cache, so the cap belongs to it; None for no capping.
+    softcap: float | None = None
+    # The sliding window of the layers whose paged_attention is `windowed` (Mistral, Gemma 2/3, Cohere 2): a query
+    # sees the keys fewer than `window` positions behind it. One size for all such layers, as the kernels are
+    # built for it; None when every layer attends to the whole sequence.
+    window: int | None = None
 
     def __str__(self) -> str:
         stored = "" if self.storage == "f32" else f", stored={self.storage}"
+        capped = "" if self.softcap is None else f", softcap={self.softcap!r}"
+        windowed = "" if self.window is None else f", window={self.window}"
         return (f"kv_cache[layers={self.num_layers}, q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, {_SHORT[self.dtype]}{stored}]")
+                f"head_dim={self.head_dim}, {_SHORT[self.dtype]}{stored}{capped}{windowed}]")
 
     @staticmethod
     def parse(text: str) -> "KVCacheType":
@@ -98,7 +107,9 @@ class KVCacheType:
         parts = [p.strip() for p in body.split(",")]
         fields = dict(p.split("=") for p in parts[:4] + parts[5:])
         return KVCacheType(int(fields["layers"]), int(fields["q_heads"]), int(fields["kv_heads"]),
-                           int(fields["head_dim"]), _LONG[parts[4]], fields.get("stored", "f32"))
+                           int(fields["head_dim"]), _LONG[parts[4]], fields.get("stored", "f32"),
+                           float(fields["softcap"]) if "softcap" in fields else None,
+                           int(fields["window"]) if "window" in fields else None)
 
 
 Type = TensorType | KVCacheType

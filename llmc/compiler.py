@@ -20,6 +20,7 @@ from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
 from llmc.frontend.torch_export import MAX_EXPORT_LENGTH, import_torch_model
 from llmc.ir import Module
+from llmc.passes.kv_cache_lowering import MAX_WINDOW_PROBE
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
 from llmc.codegen.package_writer import write_package
 from llmc.codegen.staged_directory import staged_directory
@@ -36,15 +37,19 @@ POSITION_LIMIT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len",
 
 def context_length(config: dict[str, Any] | None) -> int:
     """The longest sequence the package accepts: the model's position limit, or its sliding
-    window when that is shorter (within the window, full causal attention is exact)."""
+    window when that is shorter and longer than KV-cache lowering looks for in the mask
+    (MAX_WINDOW_PROBE; within the window, full causal attention is exact)."""
     if not config:
         return DEFAULT_CONTEXT
     limits = [config.get(name) for name in POSITION_LIMIT_NAMES if config.get(name)]
     length = int(limits[0]) if limits else DEFAULT_CONTEXT
-    window = config.get("sliding_window")
-    if window and config.get("use_sliding_window", True) is not False:
-        length = min(length, int(window))
-    return length
+    window = _config_window(config)
+    return min(length, window) if window and window > MAX_WINDOW_PROBE else length
+
+
+def _config_window(config: dict[str, Any] | None) -> int | None:
+    window = (config or {}).get("sliding_window")
+    return int(window) if window and (config or {}).get("use_sliding_window", True) is not False else None
 
 
 def _model_info(module: Module, name: str, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:
@@ -109,6 +114,8 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
         config = model_config(torch_model) if hasattr(torch_model, "config") else None
         module = import_torch_model(torch_model, context_length(config) if config else MAX_EXPORT_LENGTH)
         info = _model_info(module, name, config, type(torch_model).__name__)
+        if _config_window(config):
+            module.metadata["config_window"] = _config_window(config)
     module = run_pipeline(module, options, on_pass=progress.stage, sources=sources)
     tokenizer_info = None
     if tokenizer_source is not None and has_tokenizer(tokenizer_source):

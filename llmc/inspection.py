@@ -65,7 +65,10 @@ def describe(module: Module, full_ir: bool = False) -> str:
         per_token = cache.get("bytes_per_token", f32_bytes)
         lines.append(f"\nkv cache: {cache.get('storage', 'f32')}, {cache['num_layers']} layers x "
                      f"{cache['num_kv_heads']} key/value heads x {cache['head_dim']} (queries: {cache['num_q_heads']} heads), "
-                     f"{per_token:,} bytes per token ({per_token / f32_bytes:.3f}x f32)")
+                     f"{per_token:,} bytes per token ({per_token / f32_bytes:.3f}x f32)"
+                     + (f", scores soft-capped at {cache['softcap']:g}" if cache.get("softcap") else "")
+                     + (f", a sliding window of {cache['window']} tokens in windowed layers" if cache.get("window")
+                        else ""))
     lines.append("\nweights (name, format):")
     lines += [f"  {name}  {form}" for name, form in sorted(weight_formats(module).items())]
     return "\n".join(lines)

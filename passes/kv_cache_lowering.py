@@ -3,10 +3,12 @@
 
 The imported graph computes attention over the whole sequence with a causal mask. This
 pass finds every attention (whole, or spelled out: see attention_patterns), checks that
-its mask is causal (also just past any window-sized constant in its graph that is shorter
-than the model's context, where a sliding or local window would show), takes K and V
-from before their grouped-query expansion, and replaces it with `paged_attention`, which
-appends K and V to the cache of its layer and attends over each sequence's cached tokens.
+its mask is causal, or causal within a sliding window (probed also just past any
+window-sized constant in its graph, just past the config's `sliding_window`, and at the
+context's length up to 4096 tokens, where a window would show; the layers that slide get `windowed` and the cache the window's size),
+takes K and V from before their grouped-query expansion, and replaces it with
+`paged_attention`, which appends K and V to the cache of its layer and attends over each
+sequence's cached tokens.
 The tokens of all sequences in a step are packed along the sequence axis, so every other
 op stays per-token (a graph that combines tokens elsewhere is refused: token_mixing.py),
 and a running count along the sequence is read as the positions; the positions that
@@ -39,8 +41,9 @@ SEQ = "seq"
 BATCH = D.DECODE_TOKENS
 ROWS = "rows"
 MASK_CHECK_LENGTHS = (1, 6, 17)
-# The longest probe for a window: a (length, length) mask of this size still evaluates in moments.
-MAX_WINDOW_PROBE = 2048
+# The longest window the mask probes look for: a (length, length) mask just past it still evaluates in a second or
+# two. Longer windows cap the package's context at the window instead (llmc/compiler.py).
+MAX_WINDOW_PROBE = 4096
 # Ops that act on each token's logits alone, which may follow the output head (casts, softcapping).
 PER_TOKEN_TAIL_OPS = {"cast", "multiply", "divide", "add", "subtract", "tanh"}
 
@@ -67,34 +70,63 @@ def _unrepeated(node: Node) -> Node:
     return x
 
 
-def _window_lengths(probe: Graph, context: int) -> list[int]:
-    """Lengths just past each integer constant in the mask's graph that could be a window's size (a sliding or
-    local window is compared with position differences) and that fit in the context, up to MAX_WINDOW_PROBE
-    tokens: at those lengths a windowed mask stops being causal, where the short probes cannot tell. A window as
-    long as the context never binds."""
+def _window_lengths(probe: Graph, context: int, config_window: int | None) -> list[int]:
+    """Lengths just past the config's window and each integer constant in the mask's graph that could be a
+    window's size (a sliding or local window is compared with position differences) and that fit in the context,
+    up to MAX_WINDOW_PROBE tokens: at those lengths a windowed mask stops being causal, where the short probes
+    cannot tell. A window as long as the context never binds."""
     sizes = {int(n.attrs["value"]) for n in probe.nodes if n.op == "constant" and not isinstance(n.attrs["value"], list)
-             and float(n.attrs["value"]).is_integer()}
-    return sorted(size + 1 for size in sizes if MASK_CHECK_LENGTHS[-1] <= size < min(context, MAX_WINDOW_PROBE))
+             and float(n.attrs["value"]).is_integer()} | ({config_window} if config_window else set())
+    return sorted({size + extra for size in sizes for extra in (1, 2)
+                   if MASK_CHECK_LENGTHS[-1] <= size <= MAX_WINDOW_PROBE and size + extra <= context})
 
 
-def _first_non_causal_length(graph: Graph, attention: Node, weights: dict[str, np.ndarray],
-                             context: int) -> int | None:
-    """The first probed sequence length at which the attention's mask is not the causal mask, or None."""
+def _kept(probe: Graph, graph: Graph, attention: Node, weights: dict[str, np.ndarray], length: int) -> np.ndarray | None:
+    """The (length, length) keys each query of the attention keeps at `length` tokens, or None if its mask is more
+    than keep-or-drop (a bias) or differs between heads."""
+    causal = np.tril(np.ones((length, length), dtype=bool))
     mask = attention.inputs[3]
     if mask is None:
-        return None if attention.attrs["causal"] else MASK_CHECK_LENGTHS[0]
-    probe = Graph("mask_probe", graph.inputs, [mask])
-    for length in (*MASK_CHECK_LENGTHS, *_window_lengths(probe, context)):
-        inputs = {n.name: np.zeros(n.type.concrete_shape({SEQ: length}), dtype=np.int64) for n in graph.inputs}
-        value = np.asarray(run_graph(probe, inputs, weights)[0])
-        keep = value if value.dtype == np.bool_ else value > -1e30
-        if value.dtype != np.bool_ and np.any((value != 0) & keep):
-            return length
-        causal = np.tril(np.ones((length, length), dtype=bool))
-        if attention.attrs["causal"]:
-            keep = keep & causal
-        if keep.shape[-2:] != (length, length) or not np.all(keep == causal):
-            return length
+        return causal if attention.attrs["causal"] else np.ones((length, length), dtype=bool)
+    inputs = {n.name: np.zeros(n.type.concrete_shape({SEQ: length}), dtype=np.int64) for n in graph.inputs}
+    value = np.asarray(run_graph(probe, inputs, weights)[0])
+    keep = value if value.dtype == np.bool_ else value > -1e30
+    if value.dtype != np.bool_ and np.any((value != 0) & keep):
+        return None
+    if attention.attrs["causal"]:
+        keep = keep & causal
+    if keep.shape[-2:] != (length, length):
+        return None
+    heads = keep.reshape(-1, length, length)
+    return heads[0] if np.all(heads == heads[:1]) else None
+
+
+def _sliding(length: int, window: int) -> np.ndarray:
+    """Causal attention within a window: query i keeps key j when 0 <= i - j < window."""
+    distance = np.arange(length)[:, None] - np.arange(length)[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def _mask_window(graph: Graph, attention: Node, weights: dict[str, np.ndarray], context: int,
+                 config_window: int | None) -> int | None:
+    """None if the attention's mask is the causal mask at every probed length; the window if it is causal within a
+    sliding window (the keys the last query keeps, checked at two lengths past it); a KVCacheLoweringError for any
+    other mask."""
+    probe = Graph("mask_probe", graph.inputs, [attention.inputs[3]] if attention.inputs[3] is not None else [])
+    lengths = sorted({*MASK_CHECK_LENGTHS, *_window_lengths(probe, context, config_window),
+                      min(context, MAX_WINDOW_PROBE)})
+    for length in lengths:
+        keep = _kept(probe, graph, attention, weights, length)
+        if keep is not None and np.array_equal(keep, _sliding(length, length)):
+            continue
+        window = int(keep[-1].sum()) if keep is not None else 0
+        longer = min(2 * length + 1, context)
+        if (window > 0 and np.array_equal(keep, _sliding(length, window))
+                and np.array_equal(_kept(probe, graph, attention, weights, longer), _sliding(longer, window))):
+            return window
+        raise KVCacheLoweringError(f"attention {_where(attention)}: its mask is not the causal mask (nor causal "
+                                   f"within a sliding window) at {length} token{'s' * (length > 1)}, so llmc cannot "
+                                   "replace it with the KV cache's causal attention")
     return None
 
 
@@ -116,18 +148,21 @@ def _soft_capped_scores(graph: Graph) -> Node | None:
     return None
 
 
-def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim,
-                      context: int) -> tuple[list[Node], KVCacheType]:
+def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim, context: int,
+                      config_window: int | None) -> tuple[set[str], KVCacheType]:
+    """The names of the windowed attention nodes, and the KV cache that all the attention layers share."""
     attentions = [n for n in graph.nodes if n.op == "attention"]
     if not attentions:
         capped = _soft_capped_scores(graph)
         if capped is not None:
-            raise KVCacheLoweringError(f"attention {_where(capped)} soft-caps its scores (tanh before the softmax, "
-                                       "as Gemma 2 does), which llmc's paged attention does not do yet")
+            raise KVCacheLoweringError(f"attention {_where(capped)} soft-caps its scores (tanh before the softmax) in "
+                                       "a form llmc does not recognise: it knows cap * tanh(scores / cap), as Gemma 2 "
+                                       "writes it")
         raise KVCacheLoweringError("the model has no attention llmc recognises (scaled_dot_product_attention or "
                                    "softmax(q @ k^T * scale + mask) @ v), so it cannot get a KV cache")
     shapes = set()
-    non_causal_at: dict = {}
+    window_of_mask: dict = {}
+    windows: dict[int, int | None] = {}
     for node in attentions:
         q, k, v = node.inputs[0], _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2])
         if q.type.shape[0] != 1 or not D.equal(q.type.shape[2], seq):
@@ -142,25 +177,29 @@ def _attention_layers(graph: Graph, weights: dict[str, np.ndarray], seq: D.Dim,
             raise KVCacheLoweringError(f"attention {_where(node)}: keys and values of different widths are not "
                                        "supported")
         mask_key = id(node.inputs[3]) if node.inputs[3] is not None else (None, node.attrs["causal"])
-        if mask_key not in non_causal_at:
-            non_causal_at[mask_key] = _first_non_causal_length(graph, node, weights, context)
-        length = non_causal_at[mask_key]
-        if length is not None and length > MASK_CHECK_LENGTHS[-1]:
-            raise KVCacheLoweringError(f"attention {_where(node)}: its mask stops being causal at {length} tokens "
-                                       f"(a sliding or local window of {length - 1}), which llmc's paged KV cache "
-                                       "does not apply yet")
-        if length is not None:
-            raise KVCacheLoweringError(f"attention {_where(node)}: its mask is not the causal mask, so llmc cannot "
-                                       "replace it with the KV cache's causal attention")
+        if mask_key not in window_of_mask:
+            window_of_mask[mask_key] = _mask_window(graph, node, weights, context, config_window)
+        windows[id(node)] = window_of_mask[mask_key]
         shapes.add((q.type.shape[1], k.type.shape[1], q.type.shape[3], q.type.dtype))
     if len(shapes) != 1:
         raise KVCacheLoweringError(f"the attention layers differ in heads or head size ({sorted(shapes)}); "
                                    "llmc's paged KV cache needs them equal")
+    caps = {node.attrs["softcap"] for node in attentions}
+    if len(caps) != 1:
+        raise KVCacheLoweringError(f"the attention layers soft-cap their scores differently ({sorted(caps, key=str)}); "
+                                   "llmc's paged KV cache needs one cap for all layers")
+    sizes = {w for w in windows.values() if w is not None}
+    if len(sizes) > 1:
+        raise KVCacheLoweringError(f"the attention layers slide windows of different sizes ({sorted(sizes)}); "
+                                   "llmc's paged KV cache needs one size for all windowed layers")
     q_heads, kv_heads, head_dim, dtype = shapes.pop()
-    return attentions, KVCacheType(len(attentions), q_heads, kv_heads, head_dim, dtype)
+    cache_type = KVCacheType(len(attentions), q_heads, kv_heads, head_dim, dtype, softcap=caps.pop(),
+                             window=sizes.pop() if sizes else None)
+    return {node.name for node in attentions if windows[id(node)] is not None}, cache_type
 
 
-def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, seq: D.Dim) -> Graph:
+def _step_graph(graph: Graph, cache_type: KVCacheType, windowed: set[str], builder: GraphBuilder,
+                seq: D.Dim) -> Graph:
     """The forward graph over packed tokens, reading and appending the KV cache."""
     (input_ids,) = graph.inputs
     positions = builder.input("positions", TensorType((seq,), "int64"))
@@ -173,7 +212,8 @@ def _step_graph(graph: Graph, cache_type: KVCacheType, builder: GraphBuilder, se
         scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(q.type.shape[3])
         token_major = [b.op("permute", [x], {"axes": SWAP_HEADS_AND_TOKENS}, name=node.name + "_in")
                        for x in (q, _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2]))]
-        out = b.op("paged_attention", token_major + [cache], {"layer": next(layers), "scale": float(scale)},
+        out = b.op("paged_attention", token_major + [cache],
+                   {"layer": next(layers), "scale": float(scale), "windowed": node.name in windowed},
                    name=node.name, source=node.source)
         return b.op("permute", [out], {"axes": SWAP_HEADS_AND_TOKENS}, name=node.name + "_out")
 
@@ -262,11 +302,12 @@ def lower_kv_cache(module: Module, storage: str = "f32") -> Module:
         raise KVCacheLoweringError("forward must return one tensor of logits (1, seq, vocab)")
     graph = rewrite(forward, attention_patterns.RULES)
     context = module.metadata.get("context_length", MAX_WINDOW_PROBE)
-    _, cache_type = _attention_layers(graph, module.weights, seq, context)
+    windowed, cache_type = _attention_layers(graph, module.weights, seq, context,
+                                             module.metadata.get("config_window"))
     kv_storage(storage).check(cache_type.head_dim)
     cache_type = dataclasses.replace(cache_type, storage=storage)
     builder = builder_for(graph)
-    step = _step_graph(graph, cache_type, builder, seq)
+    step = _step_graph(graph, cache_type, windowed, builder, seq)
     functions = {"prefill": _prefill(step, builder), "decode": _decode(step)}
     used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
     lowered = Module(functions, {k: v for k, v in module.weights.items() if k in used},
@@ -274,7 +315,8 @@ def lower_kv_cache(module: Module, storage: str = "f32") -> Module:
                                                       "num_q_heads": cache_type.num_q_heads,
                                                       "num_kv_heads": cache_type.num_kv_heads,
                                                       "head_dim": cache_type.head_dim, "dtype": cache_type.dtype,
-                                                      "storage": storage,
+                                                      "storage": storage, "softcap": cache_type.softcap,
+                                                      "window": cache_type.window,
                                                       "bytes_per_token": kv_storage(storage).bytes_per_token(
                                                           cache_type.num_layers, cache_type.num_kv_heads,
                                                           cache_type.head_dim)}})

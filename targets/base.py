@@ -93,6 +93,11 @@ class Target(ABC):
         `cache.storage`."""
         return None
 
+    def attends_with_own_kernels(self, cache: KVCacheType) -> bool:
+        """Whether this target attends over `cache` with llmc's own kernels, which soft-cap scores and slide windows
+        (KVCacheType.softcap and .window), rather than TVM's, which do neither."""
+        return False
+
     def tensor_dtype(self, dtype: str) -> str:
         """The dtype this target keeps tensors of `dtype` in (one without 64-bit integers narrows them)."""
         return dtype

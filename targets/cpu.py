@@ -106,11 +106,14 @@ class CpuTarget(Target):
     def _own_attention(self, cache: KVCacheType) -> bool:
         return cache.dtype == "float32" and attention.supported(kv_storage(cache.storage), cache.head_dim)
 
+    def attends_with_own_kernels(self, cache: KVCacheType) -> bool:
+        return self._own_attention(cache)
+
     def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
         if not self._own_attention(cache):
             return {}
         storage = kv_storage(cache.storage)
-        heads = (storage, cache.num_kv_heads, cache.num_q_heads, cache.head_dim)
+        heads = (storage, cache.num_kv_heads, cache.num_q_heads, cache.head_dim, cache.softcap, cache.window)
         shape = geometry(storage, cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
         return {
             "tir_attention_prefill_ragged_cpu": attention.ragged_prefill(*heads),

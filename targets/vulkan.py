@@ -20,6 +20,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight
 
+from llmc.ir import KVCacheType
 from llmc.runtime.webgpu_plan import PLAN_FORMAT, cache_field_names
 
 from .base import OwnKVCache, Target
@@ -62,6 +63,9 @@ class VulkanTarget(Target):
 
     def tensor_dtype(self, dtype: str) -> str:
         return "int32" if dtype == "int64" else dtype
+
+    def attends_with_own_kernels(self, cache: KVCacheType) -> bool:
+        return True
 
     def own_kv_cache(self, page_size: int) -> OwnKVCache:
         return TensorKVCache(page_size)

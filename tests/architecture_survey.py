@@ -44,6 +44,8 @@ VERDICTS = ("exact", "refused", "broken", "untestable")
 TINY_SIZES = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, max_window_layers=2,
+    # a sliding window shorter than prompt + new tokens, so that windowed families attend past it
+    sliding_window=16,
     # partial rotary (GPT-J, CodeGen) and multi-head latent attention (DeepSeek V2/V3 and their kin)
     rotary_dim=8, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
     # mixture-of-experts families
@@ -53,7 +55,7 @@ TINY_SIZES = dict(
 
 # What a family needs beyond TINY_SIZES for its config to validate at 2 layers.
 FAMILY_SIZES = {
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=16),
 }
 
 # Mechanisms that no family's defaults exercise, tried on a family that has them as options: rotary scaling.

@@ -44,7 +44,7 @@ def test_package_records_what_it_is(tiny_package):
     assert all(entry["offset"] % 64 == 0 for entry in meta["weights"]["tensors"])
     assert meta["kv_cache"] == {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16,
                                 "dtype": "float32", "storage": "f32", "bytes_per_token": 2 * 2 * 2 * 16 * 4,
-                                "page_size": 16}
+                                "page_size": 16, "softcap": None, "window": None}
 
 
 @pytest.fixture

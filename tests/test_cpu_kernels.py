@@ -100,47 +100,70 @@ def int8_blocks(x: np.ndarray) -> np.ndarray:
     return (np.round(blocks * inverse) * (amax / np.float32(127))).reshape(x.shape)
 
 
-def reference_attention(q, k, v, visible, scale):
+def reference_scores(q, k, scale, softcap=None):
+    """(heads, keys) scores of one query row, soft-capped (cap * tanh(s / cap)) when softcap is given."""
+    scores = np.einsum("hd,thd->ht", q, np.repeat(k, q.shape[0] // k.shape[1], 1)) * scale
+    return scores if softcap is None else softcap * np.tanh(scores / softcap)
+
+
+def reference_attention(q, k, v, visible, scale, softcap=None, first=None):
+    """Row r attends to keys [first[r], visible[r])."""
     group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, 1), np.repeat(v, group, 1)
+    v = np.repeat(v, group, 1)
     out = np.zeros_like(q)
     for row in range(q.shape[0]):
-        scores = np.einsum("hd,thd->ht", q[row], k[:visible[row]]) * scale
+        keys = slice(first[row] if first else 0, visible[row])
+        scores = reference_scores(q[row], k[keys], scale, softcap)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        out[row] = np.einsum("ht,thd->hd", probs, v[:visible[row]])
+        out[row] = np.einsum("ht,thd->hd", probs, v[keys])
     return out
 
 
-@pytest.mark.parametrize("causal", [1, 0])
-def test_ragged_prefill_attention_matches_numpy(causal):
+def window_start(windowed: bool, window: int | None, distance: int) -> int:
+    """The first key a query `distance` positions past key 0 sees."""
+    return max(0, distance - window + 1) if windowed else 0
+
+
+# (causal, soft-cap of the scores, the kernel's window, whether the layer is windowed (a negative scale)): Gemma 2's
+# cap is 50, where 2 caps scores of these tests' size noticeably; a kernel built for a window runs both windowed
+# layers and full ones.
+VARIANTS = [(1, None, None, False), (0, None, None, False), (1, 2.0, None, False), (1, None, 5, True),
+            (1, 2.0, 5, False)]
+
+
+@pytest.mark.parametrize("causal,softcap,window,windowed", VARIANTS)
+def test_ragged_prefill_attention_matches_numpy(causal, softcap, window, windowed):
+    """Sequences of 13, 1 and 20 new tokens, after 3, 0 and 40 cached ones (their positions)."""
     rng = np.random.default_rng(1)
-    lengths = [13, 1, 20]
+    lengths, past = [13, 1, 20], [3, 0, 40]
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     total = indptr[-1]
     q = rng.standard_normal((total, 6, 16), dtype=np.float32)
     k = rng.standard_normal((total, 2, 16), dtype=np.float32)
     v = rng.standard_normal((total, 2, 16), dtype=np.float32)
-    kernel = build(attention.ragged_prefill(F32, 2, 6, 16))
+    positions = np.concatenate([offset + np.arange(n) for offset, n in zip(past, lengths)]).astype(np.int32)
+    kernel = build(attention.ragged_prefill(F32, 2, 6, 16, softcap, window))
     out = tvm.runtime.empty((total, 6, 16), "float32", tvm.cpu())
     lse = tvm.runtime.empty((total, 6), "float32", tvm.cpu())
-    tensors = [tvm.runtime.tensor(a) for a in (q, indptr, k, v, indptr, np.zeros(total, np.int32),
-                                               np.zeros(3, np.int32))]
-    kernel(*tensors, out, lse, causal, 0, 1.0, 1e4, 0.25)
+    tensors = [tvm.runtime.tensor(a) for a in (q, indptr, k, v, indptr, positions, np.array(past, np.int32))]
+    kernel(*tensors, out, lse, causal, 0, 1.0, 1e4, -0.25 if windowed else 0.25)
     for b, n in enumerate(lengths):
         s = slice(indptr[b], indptr[b + 1])
         visible = [row + 1 if causal else n for row in range(n)]
-        np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k[s], v[s], visible, 0.25),
+        first = [window_start(windowed, window, row) for row in range(n)]
+        np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k[s], v[s], visible, 0.25, softcap, first),
                                    atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("causal", [1, 0])
-def test_paged_prefill_attention_matches_numpy(causal):
+@pytest.mark.parametrize("causal,softcap,window,windowed", [*VARIANTS[:4], (0, None, 20, True)])
+def test_paged_prefill_attention_matches_numpy(causal, softcap, window, windowed):
     """Sequences of 3 and 12 new rows over 37 and 50 cached keys on pages of 16 (the first below FEW_ROWS, attending
-    row by row as decode does; the second through the transposed copy of the keys); the new rows are the last
-    keys, as TVM calls the kernel once they are appended."""
+    row by row as decode does; the second through the transposed copy of the keys), the cached keys starting at
+    positions 0 and 7 (a later depth of a shared prefix). Causal, the new rows are the last keys, as TVM calls the
+    kernel once they are appended; otherwise they follow the keys."""
     rng = np.random.default_rng(2)
-    page, rows, keys = 16, [3, 12], [37, 50]
+    page, rows, keys, key_start = 16, [3, 12], [37, 50], [0, 7]
     pages_of = [-(-n // page) for n in keys]
     pages = rng.standard_normal((sum(pages_of) + 1, 2, 2, page, 16), dtype=np.float32)
     page_indptr = np.concatenate([[0], np.cumsum(pages_of)]).astype(np.int32)
@@ -148,27 +171,34 @@ def test_paged_prefill_attention_matches_numpy(causal):
     last = np.array([n - (p - 1) * page for n, p in zip(keys, pages_of)], np.int32)
     q_indptr = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
     q = rng.standard_normal((q_indptr[-1], 6, 16), dtype=np.float32)
-    kernel = build(attention.paged_prefill(F32, 2, 6, 16, page))
+    first_row = [n_keys - n_rows if causal else n_keys for n_rows, n_keys in zip(rows, keys)]
+    positions = np.concatenate([start + first + np.arange(n) for start, first, n in zip(key_start, first_row, rows)])
+    kernel = build(attention.paged_prefill(F32, 2, 6, 16, softcap, window, page))
     out = tvm.runtime.empty(q.shape[:2] + (16,), "float32", tvm.cpu())
     lse = tvm.runtime.empty(q.shape[:2], "float32", tvm.cpu())
     tensors = [tvm.runtime.tensor(a) for a in (q, q_indptr, pages, page_indptr, page_values, last,
-                                               np.zeros(2, np.int32), np.zeros(q.shape[0], np.int32))]
-    kernel(*tensors, out, lse, causal, 0, 1.0, 1e4, 0.25)
+                                               np.array(key_start, np.int32), positions.astype(np.int32))]
+    kernel(*tensors, out, lse, causal, 0, 1.0, 1e4, -0.25 if windowed else 0.25)
     assert attention.FEW_ROWS > rows[0] and attention.FEW_ROWS <= rows[1]
     for b, (n_rows, n_keys) in enumerate(zip(rows, keys)):
         ordered = pages[page_values[page_indptr[b]:page_indptr[b + 1]]]  # (pages, 2, heads, page, dim)
         k = ordered[:, 0].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
         v = ordered[:, 1].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
         visible = [n_keys - n_rows + row + 1 if causal else n_keys for row in range(n_rows)]
+        first = [window_start(windowed, window, first_row[b] + row) for row in range(n_rows)]
         s = slice(q_indptr[b], q_indptr[b + 1])
-        np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k, v, visible, 0.25), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(out.numpy()[s], reference_attention(q[s], k, v, visible, 0.25, softcap, first),
+                                   atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_split_decode_attention_matches_numpy(batch):
+@pytest.mark.parametrize("batch,softcap,window,windowed", [(1, None, None, False), (3, None, None, False),
+                                                           (3, 2.0, None, False), (3, None, 150, True),
+                                                           (1, None, 150, False)])
+def test_split_decode_attention_matches_numpy(batch, softcap, window, windowed):
     """Decode over 200, 3 and 0 cached keys (pages of 16), the query heads of a key head together, with at
     most 8 chunks: one sequence splits its keys into 4 chunks of at least 64, three sequences into 2, and the
-    chunks' partial results merge exactly; a sequence with no keys gets zeros."""
+    chunks' partial results merge exactly; a sequence with no keys gets zeros. A window of 150 leaves the first
+    sequence's last 150 keys, still split."""
     rng = np.random.default_rng(3)
     page, keys = 16, [200, 3, 0][:batch]
     pages_of = [-(-n // page) for n in keys]
@@ -177,20 +207,22 @@ def test_split_decode_attention_matches_numpy(batch):
     page_values = rng.permutation(sum(pages_of)).astype(np.int32)
     last = np.array([n - (p - 1) * page if p else 0 for n, p in zip(keys, pages_of)], np.int32)
     q = rng.standard_normal((batch, 6, 16), dtype=np.float32)
-    kernel = build(attention.paged_decode(F32, 2, 6, 16, page, max_splits=8))
+    positions = np.array([max(n - 1, 0) for n in keys], np.int32)
+    kernel = build(attention.paged_decode(F32, 2, 6, 16, softcap, window, page, max_splits=8))
     out = tvm.runtime.empty((batch, 6, 16), "float32", tvm.cpu())
     lse = tvm.runtime.empty((batch, 6), "float32", tvm.cpu())
     tensors = [tvm.runtime.tensor(a) for a in (q, pages, page_indptr, page_values, last, np.zeros(batch, np.int32),
-                                               np.zeros(batch, np.int32))]
-    kernel(*tensors, out, lse, 0, 1.0, 1e4, 0.25)
+                                               positions)]
+    kernel(*tensors, out, lse, 0, 1.0, 1e4, -0.25 if windowed else 0.25)
     for b, n_keys in enumerate(keys):
         ordered = pages[page_values[page_indptr[b]:page_indptr[b + 1]]]
-        k = ordered[:, 0].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
-        v = ordered[:, 1].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[:n_keys]
-        expected = reference_attention(q[b:b + 1], k, v, [n_keys], 0.25) if n_keys else np.zeros((1, 6, 16))
+        first = window_start(windowed, window, n_keys - 1)
+        k = ordered[:, 0].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[first:n_keys]
+        v = ordered[:, 1].transpose(0, 2, 1, 3).reshape(-1, 2, 16)[first:n_keys]
+        expected = reference_attention(q[b:b + 1], k, v, [len(k)], 0.25, softcap) if n_keys else np.zeros((1, 6, 16))
         np.testing.assert_allclose(out.numpy()[b:b + 1], expected, atol=2e-6, rtol=0)
         if n_keys:
-            scores = np.einsum("hd,thd->ht", q[b], np.repeat(k, 3, 1)) * 0.25
+            scores = reference_scores(q[b], k, 0.25, softcap)
             np.testing.assert_allclose(lse.numpy()[b], np.log2(np.exp(scores).sum(-1)), atol=1e-5, rtol=0)
 
 

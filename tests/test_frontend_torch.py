@@ -106,6 +106,7 @@ CONVERTERS = {
     "baddbmm": lambda m, h: torch.baddbmm(h, h, (torch.ones(8, 8) * m.weight)[None], beta=0.5, alpha=2.0),
     "view_as": lambda m, h: h.reshape(-1).view_as(h),
     "index_select": lambda m, h: h.index_select(-1, torch.tensor([3, 0, 3])),
+    "index after whole slices, from the end": lambda m, h: h[..., [-2, 0]] + h[:, :, [5]],
     "detach_": lambda m, h: (h * 2).detach_(),
     "repeat": lambda m, h: h.repeat(2, 1, 3),
     "repeat_interleave": lambda m, h: h.repeat_interleave(2, dim=-1),

@@ -15,7 +15,7 @@ from llmc.runtime.model import CacheSettings, ContextOverflow
 from llmc.runtime.request import StopStrings
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.tokenizer import TextStream, Tokenizer
-from tiny_models import TINY_MODELS, transformers_greedy
+from tiny_models import GEMMA2_MODEL, TINY_MODELS, transformers_greedy
 
 NEW_TOKENS = 64
 
@@ -49,6 +49,23 @@ def test_a_model_with_a_scalar_weight_runs_token_exact(tmp_path):
                                                                                                ignore_eos=True))
     assert result.output_ids == expected
     assert np.abs(np.array(result.logprobs) - expected_logprobs).max() <= 1e-3
+
+
+def test_soft_capped_and_sliding_attention_is_token_exact_with_transformers(tiny_model, tiny_package):
+    """Gemma 2's attention-logit soft-capping, at a cap (1) that moves this model's logits by about 1, and its
+    sliding window (8 tokens, every other layer) over a prompt of 24 and 16 new tokens: the prompt prefilled in one
+    step (the ragged kernel) and in chunks of 8 (the paged prefill over cached keys), then decode. The package
+    keeps the model's whole context: the window is attended, not used to cap the context."""
+    model = tiny_model(GEMMA2_MODEL)
+    prompt = np.random.default_rng(9).integers(0, model.config.vocab_size, 24).tolist()
+    expected, expected_logprobs = transformers_greedy(model, prompt, 16)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    for cache in (None, CacheSettings(max_total_tokens=256, prefill_chunk=8)):
+        engine = llmc.load(tiny_package(GEMMA2_MODEL), cache=cache)
+        assert engine.context_length == model.config.max_position_embeddings
+        result = engine.generate(prompt, params)
+        assert result.output_ids == expected
+        assert np.abs(np.array(result.logprobs) - expected_logprobs).max() <= 1e-3
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_package):

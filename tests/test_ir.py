@@ -29,8 +29,8 @@ def test_types_print_and_parse():
     t = TensorType((1, SEQ, 576), "float32")
     assert str(t) == "f32[1, seq, 576]"
     assert parse_type(str(t)) == t
-    cache = KVCacheType(30, 9, 3, 64, "float32")
-    assert parse_type(str(cache)) == cache
+    for cache in (KVCacheType(30, 9, 3, 64, "float32"), KVCacheType(26, 8, 4, 256, "float32", "q8", softcap=50.0)):
+        assert parse_type(str(cache)) == cache
 
 
 def _mlp_graph() -> Module:

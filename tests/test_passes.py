@@ -14,7 +14,7 @@ from llmc.ir import dims as D
 from llmc.passes import attention_patterns
 from llmc.passes.kv_cache_lowering import KVCacheLoweringError, lower_kv_cache
 from llmc.passes.rewrite import Rule, RewriteLimitError, match, op, rewrite, var
-from tiny_models import build_tiny
+from tiny_models import GEMMA2_MODEL, build_tiny
 
 TOL = 1e-5
 
@@ -62,11 +62,17 @@ def _kv_reference(module, seq_ids=(0,)):
     return cache
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied"])
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied", GEMMA2_MODEL])
 def test_kv_lowering_keeps_the_logits(name):
     model = build_tiny(name)
     module = import_torch_model(model)
     lowered = lower_kv_cache(module)
+    # Mistral's config slides a window of 4096 in every layer, Gemma 2's of 8 every other layer (and caps scores).
+    cache = lowered.metadata["kv_cache"]
+    softcap, window, windowed = {GEMMA2_MODEL: (1.0, 8, [True, False]),
+                                 "mistral_untied": (None, 4096, [True, True])}.get(name, (None, None, [False, False]))
+    assert (cache["softcap"], cache["window"]) == (softcap, window)
+    assert [n.attrs["windowed"] for n in lowered.functions["prefill"].nodes if n.op == "paged_attention"] == windowed
     ids = np.random.default_rng(3).integers(0, 512, (1, 13))
     (expected,) = run(module, "forward", {"input_ids": ids})
     cache = _kv_reference(lowered)
@@ -198,36 +204,60 @@ def test_positions_counted_by_a_cumulative_sum_become_the_positions_input():
     np.testing.assert_allclose(last[0], expected[0, 4], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("context, lowered", [(32, True), (256, False)])
-def test_a_sliding_window_shorter_than_the_context_is_refused(context, lowered):
-    """Mistral's mask with a 32-token window is causal for 32 tokens: the lowering accepts it for a 32-token
-    context and refuses it, naming the window, for a longer one (the paged cache would attend past the window)."""
+def _assert_prefill_and_decode_keep_the_forward_logits(module, lowered, length: int) -> None:
+    """Prefill of `length - 1` tokens, then one decode, over the reference cache give the forward's logits."""
+    ids = np.random.default_rng(4).integers(0, 512, (1, length))
+    (expected,) = run(module, "forward", {"input_ids": ids})
+    cache = _kv_reference(lowered)
+    cache.begin_forward([0], [length - 1])
+    (logits,) = run(lowered, "prefill", {"input_ids": ids[:, :-1], "positions": np.arange(length - 1),
+                                         "logit_rows": np.arange(length - 1), "kv_cache": cache})
+    cache.begin_forward([0], [1])
+    (last,) = run(lowered, "decode", {"input_ids": ids[:, -1:], "positions": np.array([length - 1]),
+                                      "kv_cache": cache})
+    np.testing.assert_allclose(np.concatenate([logits, last]), expected[0], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("context, window", [(32, None), (256, 32)])
+def test_a_sliding_window_shorter_than_the_context_is_attended(context, window):
+    """Mistral's mask with a 32-token window is causal for 32 tokens: within a 32-token context the window never
+    binds; in a longer one the lowering finds it, marks the layers windowed and gives the cache the window, and
+    prefill and decode past it keep the logits of the whole-sequence forward."""
     import transformers
 
     config = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        sliding_window=32)
+                                        sliding_window=32, initializer_range=0.2)
+    torch.manual_seed(4)
     module = import_torch_model(transformers.AutoModelForCausalLM.from_config(config).eval(), context)
-    if lowered:
-        assert lower_kv_cache(module).functions["decode"].op_counts()["paged_attention"] == 2
-    else:
-        with pytest.raises(KVCacheLoweringError, match="stops being causal at 33 tokens .*window of 32"):
-            lower_kv_cache(module)
+    lowered = lower_kv_cache(module)
+    assert lowered.metadata["kv_cache"]["window"] == window
+    if window is not None:
+        _assert_prefill_and_decode_keep_the_forward_logits(module, lowered, 45)
 
 
-def test_soft_capped_attention_is_refused_by_name():
-    """Gemma 2 squashes its attention scores with tanh before the softmax; the refusal says so."""
+def test_a_window_kept_in_a_buffer_is_found_at_the_context_length():
+    """GPT-Neo's local layers keep their 20-token window in a boolean buffer, applied with `where` before the
+    additive mask: no constant in the mask's graph tells its size, and no short probe reaches it, so the probe at
+    the context's length finds it."""
     import transformers
 
-    config = transformers.Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       max_position_embeddings=256)
-    module = import_torch_model(transformers.AutoModelForCausalLM.from_config(config).eval(), 256)
-    with pytest.raises(KVCacheLoweringError, match="soft-caps its scores"):
-        lower_kv_cache(module)
+    config = transformers.GPTNeoConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                                       max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+                                       window_size=20, initializer_range=0.2)
+    torch.manual_seed(4)
+    module = import_torch_model(transformers.AutoModelForCausalLM.from_config(config).eval(), 64)
+    lowered = lower_kv_cache(module)
+    assert lowered.metadata["kv_cache"]["window"] == 20
+    _assert_prefill_and_decode_keep_the_forward_logits(module, lowered, 45)
 
 
-def test_attention_patterns_build_attention_nodes():
+@pytest.mark.parametrize("caps,softcap,shifted", [(None, None, False), ((2.0, 2.0), 2.0, False),
+                                                   ((2.0, 3.0), "none", False), (None, None, True)])
+def test_attention_patterns_build_attention_nodes(caps, softcap, shifted):
+    """softmax(q @ k^T * scale) @ v becomes one attention node, also soft-capped as Gemma 2 writes it (cap *
+    tanh(s / cap)), and with the scores shifted by their row's maximum before the softmax; a tanh between other
+    constants is not a soft-cap and stays as it is."""
     rng = np.random.default_rng(5)
     b = GraphBuilder()
     q = b.input("q", TensorType((1, 2, 5, 4), "float32"))
@@ -235,14 +265,19 @@ def test_attention_patterns_build_attention_nodes():
     v = b.input("v", TensorType((1, 2, 5, 4), "float32"))
     scores = b.op("matmul", [q, b.op("permute", [k], {"axes": [0, 1, 3, 2]})])
     scaled = b.op("multiply", [scores, b.op("constant", [], {"value": 0.5, "dtype": "float32"})])
+    if caps is not None:
+        inner = b.op("divide", [scaled, b.op("constant", [], {"value": caps[0], "dtype": "float32"})])
+        scaled = b.op("multiply", [b.op("tanh", [inner]), b.op("constant", [], {"value": caps[1], "dtype": "float32"})])
+    if shifted:
+        scaled = b.op("subtract", [scaled, b.op("max", [scaled], {"axes": [3], "keepdims": True})])
     out = b.op("matmul", [b.op("softmax", [scaled], {"axis": -1}), v])
     graph = Graph("f", [q, k, v], [out])
     rewritten = rewrite(graph, attention_patterns.RULES)
-    assert rewritten.op_counts().get("attention") == 1
-    inputs = {n: rng.standard_normal((1, 2, 5, 4)).astype(np.float32) for n in "qkv"}
+    attentions = [n for n in rewritten.nodes if n.op == "attention"]
+    assert [n.attrs["softcap"] for n in attentions] == ([] if softcap == "none" else [softcap])
+    inputs = {n: rng.standard_normal((1, 2, 5, 4)).astype(np.float32) * 3 for n in "qkv"}
     np.testing.assert_allclose(run_graph(rewritten, inputs, {})[0], run_graph(graph, inputs, {})[0], atol=1e-6)
     assert D.equal(rewritten.outputs[0].type.shape[2], 5)
-
 
 
 def _logits(module, function_inputs):

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import llmc
+from llmc.ir import LlmcError
 from llmc.targets.cuda import ARCHITECTURES
 from llmc.targets.metal import check_msl
-from tiny_models import build_tiny
+from tiny_models import GEMMA2_MODEL, build_tiny
 
 MODEL = "llama_gqa_untied"
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA toolkit) is not installed")
@@ -112,6 +113,17 @@ def test_every_metal_kernel_is_present_and_passes_the_syntax_check(multi_package
 def test_metal_device_is_refused_here(multi_package):
     with pytest.raises(llmc.LlmcError, match="macOS"):
         llmc.load(multi_package, device="metal")
+
+
+@pytest.mark.parametrize("target", ["cuda", "metal"])
+def test_soft_capped_and_sliding_attention_are_refused_at_compile_time_where_the_kernels_are_tvms(target, tmp_path):
+    """CUDA and Metal attend with TVM's paged-KV-cache kernels, which neither soft-cap scores nor slide a window
+    per layer (Gemma 2 does both)."""
+    from llmc.compiler import compile_model
+
+    with pytest.raises(LlmcError, match=f"target {target} cannot run this model's attention, which soft-caps its "
+                                        "scores at 1 .* and slides a window of 8 tokens in some layers"):
+        compile_model(build_tiny(GEMMA2_MODEL), tmp_path / "pkg", targets=[target])
 
 
 def test_a_device_the_package_was_not_built_for_is_named(tiny_package):

@@ -32,7 +32,7 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.devices import open_device
 from llmc.targets.cpu_kernels.matmul import GEMV_ROWS
-from tiny_models import LONG_CONTEXT_MODEL, build_chat_package
+from tiny_models import GEMMA2_MODEL, LONG_CONTEXT_MODEL, build_chat_package
 
 NEW_TOKENS = 48
 VOCAB = 512
@@ -95,10 +95,10 @@ def _greedy_by_prefill(engine, prompt: list[int], count: int) -> list[int]:
 
 
 @needs_vulkan
-@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied"])
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "qwen2_tied", "mistral_untied", GEMMA2_MODEL])
 def test_vulkan_gives_the_cpu_logits_and_greedy_tokens(package, name):
     cpu, vulkan = llmc.load(package(name)), llmc.load(package(name), device="vulkan")
-    prompt = _prompt(7, 9)
+    prompt = _prompt(7, 20)  # past Gemma 2's window of 8
     assert _relative_error(vulkan.forward(prompt), cpu.forward(prompt)) <= 1e-4
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     assert vulkan.generate(prompt, params).output_ids == cpu.generate(prompt, params).output_ids

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 LONG_CONTEXT_MODEL = "llama_long_context"
+GEMMA2_MODEL = "gemma2_capped_sliding"
 _COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
 
 CONFIGS = {
@@ -34,15 +35,23 @@ CONFIGS = {
     # and long-context tests.
     LONG_CONTEXT_MODEL: (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                                         max_position_embeddings=8192, tie_word_embeddings=False)),
+    # Gemma 2: attention scores soft-capped at 1 (its own cap is 50) with weights large enough that the cap changes
+    # them, and a sliding window of 8 tokens in every other layer, for the soft-capping and sliding-window tests.
+    GEMMA2_MODEL: (transformers.Gemma2Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                   attn_logit_softcapping=1.0, initializer_range=0.2, sliding_window=8,
+                                                   layer_types=["sliding_attention", "full_attention"])),
 }
-TINY_MODELS = [name for name in CONFIGS if name != LONG_CONTEXT_MODEL]
+TINY_MODELS = [name for name in CONFIGS if name not in (LONG_CONTEXT_MODEL, GEMMA2_MODEL)]
 
 
-def build_tiny(name: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def build_tiny(name: str, attn_implementation: str | None = None) -> torch.nn.Module:
+    """The tiny model `name`, with the attention implementation asked for (default: sdpa where the family has it,
+    eager otherwise)."""
     config_class, extra = CONFIGS[name]
     config = config_class(**{**_COMMON, **extra})
     torch.manual_seed(sum(map(ord, name)))
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+    implementation = attn_implementation or ("eager" if name == GEMMA2_MODEL else "sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation,
                                                           dtype=torch.float32)
     # Random init leaves biases at zero; give Qwen2's q/k/v biases values so the test sees them.
     with torch.no_grad():

@@ -9,7 +9,10 @@ table row of each token's sequence, how many keys each token sees (its position 
 and the page table. `paged_attention` becomes an append kernel that writes the new keys
 and values into the pool in place, in the cache's storage format (kv_rows.py), then an
 attention kernel with one workgroup per (token, query head) whose threads split the token's
-keys, walk them through the page table with online softmaxes, and merge their results.
+keys, walk them through the page table with online softmaxes, and merge their results. A
+soft-capped cache (Gemma 2) caps each score as cap * tanh(s / cap), tanh written with one
+exp so that it saturates cleanly at any magnitude; a windowed layer's tokens skip the keys
+that are `window` or more positions behind them.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def append_kernel(storage: KVStorage, kv_heads: int, head_dim: int, page_size: i
 
 
 def attention_kernel(storage: KVStorage, q_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float,
-                     dtype: str) -> Kernel:
+                     softcap: float | None, window: int | None, dtype: str) -> Kernel:
     """One workgroup per (token, query head), its `lanes` threads splitting the token's keys (key j to thread
     j mod lanes), each with its own online softmax; the partial results merge exactly through workgroup
     memory (Flash-Decoding within a workgroup), so a single decoding sequence keeps every lane busy. A rotated
@@ -73,6 +76,12 @@ def attention_kernel(storage: KVStorage, q_heads: int, kv_heads: int, head_dim: 
     groups = head_dim // GROUP if storage.scaled else 1
     per_group = head_dim // groups
     rotate, rotation = row_rotation(head_dim), rotation_size(head_dim)
+    capped, cap = softcap is not None, softcap or 1.0
+    windowed = window is not None
+
+    def first_key(length):
+        """The first key a token that sees `length` keys attends to."""
+        return T.max(length - T.int64(window), T.int64(0)) if windowed else T.int64(0)
 
     @T.prim_func(private=True)
     def kv_attention(var_q: T.handle, var_pages: T.handle, var_table: T.handle, var_rows: T.handle,
@@ -106,8 +115,9 @@ def attention_kernel(storage: KVStorage, q_heads: int, kv_heads: int, head_dim: 
                     state[1] = T.float32(0)
                     state[5] = T.float32(1)
                     length: T.let[T.int64] = T.Cast("int64", lengths[token])
-                    for step in range((length - lane + lanes - 1) // lanes):
-                        key: T.let[T.int64] = lane + step * lanes
+                    first: T.let[T.int64] = first_key(length)
+                    for step in range((length - first - lane + lanes - 1) // lanes):
+                        key: T.let[T.int64] = first + lane + step * lanes
                         sequence: T.let[T.int64] = T.Cast("int64", seq_rows[token])
                         page: T.let[T.int64] = T.Cast("int64", table[sequence, key // page_size])
                         state[2] = T.float32(0)
@@ -118,6 +128,9 @@ def attention_kernel(storage: KVStorage, q_heads: int, kv_heads: int, head_dim: 
                                 state[2] = state[2] + query[g * per_group + i] * rows.value(
                                     pages, (page, 0, head // group, key % page_size), g * per_group + i, state[5])
                         state[2] = state[2] * T.float32(scale)
+                        if capped:  # cap * tanh(s / cap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+                            state[2] = T.float32(cap) - T.float32(2 * cap) / (
+                                T.exp(state[2] * T.float32(2 / cap)) + T.float32(1))
                         state[3] = T.exp(state[0] - T.max(state[0], state[2]))
                         state[4] = T.exp(state[2] - T.max(state[0], state[2]))
                         state[0] = T.max(state[0], state[2])
@@ -157,8 +170,9 @@ def attention_kernel(storage: KVStorage, q_heads: int, kv_heads: int, head_dim: 
                         else:
                             out[0, token, head, lane + step * lanes] = T.Cast(dtype, merged[lane + step * lanes])
 
-    return Kernel(f"kv_attention_{storage.name}_{q_heads}x{kv_heads}x{head_dim}_p{page_size}_{scale:.8g}_{dtype}",
-                  opaque(kv_attention))
+    variant = (f"_cap{cap:.8g}" if capped else "") + (f"_window{window}" if windowed else "")
+    form = f"{storage.name}_{q_heads}x{kv_heads}x{head_dim}_p{page_size}_{scale:.8g}{variant}"
+    return Kernel(f"kv_attention_{form}_{dtype}", opaque(kv_attention))
 
 
 class TensorKVCache(OwnKVCache):
@@ -196,6 +210,7 @@ class TensorKVCache(OwnKVCache):
         pool = cx.call_kernel(append, [k, v, slots, pool], self._pool_shape(cache, cx.symbols),
                               pool_dtype(storage, cache.dtype), f"{node.name}_append", inplace=3)
         kernel = attention_kernel(storage, cache.num_q_heads, cache.num_kv_heads, cache.head_dim, self.page_size,
-                                  float(node.attrs["scale"]), cache.dtype)
+                                  float(node.attrs["scale"]), cache.softcap,
+                                  cache.window if node.attrs["windowed"] else None, cache.dtype)
         return cx.call_kernel(kernel, [q, pool, table, rows, lengths], cx.symbols.shape(node.type.shape),
                               cache.dtype, node.name)
