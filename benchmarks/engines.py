@@ -62,7 +62,8 @@ class TorchEngine:
     def __init__(self, model: str):
         import torch
 
-        from llmc.frontend.checkpoint import load_torch_model, resolve_model, save_tokenizer
+        from llmc.frontend.checkpoint import load_torch_model, resolve_model
+        from llmc.frontend.tokenizer_export import save_tokenizer
         from tokenizers import Tokenizer
 
         torch.set_num_threads(N_THREADS)

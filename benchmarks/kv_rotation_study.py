@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe_machine  # noqa: E402
 
-from llmc.frontend.checkpoint import load_torch_model, resolve_model, save_tokenizer  # noqa: E402
+from llmc.frontend.checkpoint import load_torch_model, resolve_model  # noqa: E402
+from llmc.frontend.tokenizer_export import save_tokenizer  # noqa: E402
 from llmc.ir.kv_storage import STORAGES, hadamard  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "long_text.txt"

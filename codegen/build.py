@@ -8,8 +8,9 @@ they become an `LlmcError` naming the target and the stage that failed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import tvm
 
 from llmc.ir import LlmcError, Module
 from llmc.targets import Target
@@ -26,14 +27,17 @@ def _tvm_failure(stage: str, target: Target, error: Exception) -> LlmcError:
     return LlmcError(f"TVM failed to {stage} for target {target.name}: {summary}")
 
 
-def build_library(module: Module, target: Target, directory: Path) -> dict[str, Any]:
-    """Compile `module` for `target` into `directory`; return the target's metadata entry."""
+def build_library(module: Module, target: Target, directory: Path,
+                  on_lowered: Callable[[str, tvm.IRModule], None] = lambda target, irmodule: None) -> dict[str, Any]:
+    """Compile `module` for `target` into `directory`; return the target's metadata entry. `on_lowered` gets the
+    Relax module before the target builds it."""
     try:
         irmodule = lower_module(module, target)
     except LlmcError:
         raise
     except Exception as error:  # TVM's FFI raises TVMError, TypeError, ValueError ...
         raise _tvm_failure("lower the graph to Relax", target, error) from None
+    on_lowered(target.name, irmodule)
     try:
         executable = target.build(irmodule)
     except Exception as error:

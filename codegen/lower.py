@@ -134,7 +134,7 @@ def lower_module(module: Module, target: Target) -> tvm.IRModule:
     if refused_ops:
         node = refused_ops[0]
         raise LlmcError(f"target {target.name} does not run {target.refused_ops[node.op]}: node %{node.name}"
-                        + (f" ({node.source})" if node.source else "") + f". Compile this model for another target")
+                        + (f" ({node.source})" if node.source else "") + ". Compile this model for another target")
     caches = {n.type for graph in module.functions.values() for n in graph.inputs if isinstance(n.type, KVCacheType)}
     if len(caches) > 1:
         raise LlmcError("the module's functions disagree about the KV cache they use")

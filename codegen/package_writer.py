@@ -35,7 +35,8 @@ def write_weights(path: Path, tensors: list[tuple[str, np.ndarray]]) -> list[dic
 
 def write_package(module: Module, targets: Sequence[Target], directory: Path, model_info: dict[str, Any],
                   tokenizer_info: dict[str, Any] | None,
-                  on_target: Callable[[Target], None] = lambda target: None) -> Path:
+                  on_target: Callable[[Target], None] = lambda target: None,
+                  on_lowered: Callable[[str, Any], None] = lambda target, irmodule: None) -> Path:
     order = weight_order(module)
     table = write_weights(directory / WEIGHTS_FILE, [(name, module.weights[name]) for name in order])
     (directory / GRAPH_FILE).write_text(module_to_json(module))
@@ -43,7 +44,7 @@ def write_package(module: Module, targets: Sequence[Target], directory: Path, mo
     files = [WEIGHTS_FILE, GRAPH_FILE]
     for target in targets:
         on_target(target)
-        built[target.name] = build_library(module, target, directory)
+        built[target.name] = build_library(module, target, directory, on_lowered)
         files.append(built[target.name]["library"])
         for library in target.runtime_library_files():
             shutil.copyfile(library, directory / library.name)

@@ -8,7 +8,6 @@ transposing it on every call, and `paged_attention` calls the paged KV cache's b
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +15,7 @@ from tvm import relax, te, tirx
 
 from llmc.ir import Node
 from llmc.ir import dims as D
+from llmc.ir.ops.attention import attention_scale
 from llmc.ir.ops.shape import slice_bounds
 from llmc.ir.quant_formats import GROUP, input_count
 from llmc.ir.kv_storage import geometry, kv_storage
@@ -420,7 +420,7 @@ def _attention(cx, node, args):
     if group > 1:
         k = cx.emit(relax.op.repeat(k, group, axis=1), node.name + "_k")
         v = cx.emit(relax.op.repeat(v, group, axis=1), node.name + "_v")
-    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(q_type.shape[3])
+    scale = attention_scale(node.attrs["scale"], q_type.shape[3])
     dtype = q_type.dtype
     scores = relax.op.multiply(relax.op.matmul(q, relax.op.permute_dims(k, [0, 1, 3, 2])), relax.const(scale, dtype))
     scores = cx.emit(scores, node.name + "_scores")

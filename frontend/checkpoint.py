@@ -1,4 +1,4 @@
-"""Find and load a model checkpoint as a PyTorch model plus its tokenizer files.
+"""Find and load a model checkpoint as a PyTorch model (its tokenizer: tokenizer_export.py).
 
 `llmc compile MODEL` accepts a Hugging Face model folder (config.json + safetensors),
 a GGUF file (loaded through `transformers` + `gguf`, which dequantizes it to float32),
@@ -94,7 +94,7 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers():
     """Silence transformers' own progress bars and warnings; llmc shows its own progress."""
     logger = logging.getLogger("transformers")
     level = logger.level
@@ -131,7 +131,7 @@ def load_torch_model(source: ModelSource) -> Any:
         _check_gguf(source.path)
         kwargs["gguf_file"] = source.path.name
     try:
-        with _quiet():
+        with quiet_transformers():
             if source.kind == "hf":
                 AutoConfig.from_pretrained(str(source.folder))
             # Mismatched shapes are reported, not raised, so that the error can name them.
@@ -174,55 +174,6 @@ def _check_every_parameter_loaded(source: ModelSource, loading: dict[str, Any]) 
     if problems:
         raise LlmcError(f"{source.path} does not match its model's parameters: {'; '.join(problems)}. "
                         "Every parameter must come from the checkpoint.")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def resolve_tokenizer(spec: str) -> ModelSource:
-    """Where to take a tokenizer from: a folder holding tokenizer files, a tokenizer.json, or a model."""
-    path = Path(spec).expanduser()
-    if path.is_file() and path.name == "tokenizer.json":
-        return ModelSource("hf", path.parent, path.parent.name)
-    if path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES):
-        return ModelSource("hf", path, path.name)
-    return resolve_model(spec)
-
-
-def has_tokenizer(source: ModelSource) -> bool:
-    return source.kind == "gguf" or any((source.folder / name).is_file() for name in TOKENIZER_FILES)
-
-
-def save_tokenizer(source: ModelSource, destination: Path) -> dict[str, Any]:
-    """Write tokenizer.json of `source` into `destination`; return what the runtime needs
-    (special tokens, chat template)."""
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
-    try:
-        with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
-    except Exception as error:  # transformers raises many types for unusable tokenizers
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LlmcError(f"could not load the tokenizer of {source.path}: {message}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise LlmcError(f"the tokenizer of {source.path} has no tokenizer.json form, which llmc's runtime needs")
-    destination.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(destination / "tokenizer.json"))
-    return tokenizer_info(tokenizer)
-
-
-def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
-    """Special tokens and the chat template, as the package metadata records them."""
-    eos = tokenizer.eos_token_id
-    return {
-        "file": "tokenizer.json",
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
-    }
 
 
 def model_config(model: Any) -> dict[str, Any]:

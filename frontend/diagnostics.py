@@ -17,6 +17,10 @@ class UnsupportedOpsError(LlmcError):
     """The model uses ops that llmc cannot import."""
 
 
+class UnsupportedPattern(LlmcError):
+    """A known op (PyTorch or ONNX) used in a way its converter cannot express."""
+
+
 def source_line(stack_trace: str | None) -> str | None:
     """'file.py:123 in fn: code' for the innermost model frame of a recorded stack trace (not torch's own)."""
     matches = list(re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', stack_trace or ""))

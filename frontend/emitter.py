@@ -15,6 +15,8 @@ import torch
 from llmc.ir import GraphBuilder, LlmcError, Node
 from llmc.ir import dims as D
 
+from .diagnostics import UnsupportedPattern
+
 _DTYPES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
     torch.int32: "int32", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
@@ -26,10 +28,6 @@ def torch_dtype(dtype: torch.dtype) -> str:
         return _DTYPES[dtype]
     except KeyError:
         raise LlmcError(f"llmc does not support tensors of dtype {dtype}") from None
-
-
-class UnsupportedPattern(LlmcError):
-    """A known op used in a way the converter cannot express."""
 
 
 class Emitter:

@@ -16,10 +16,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from llmc.ir import GraphBuilder, LlmcError, Node, TensorType, ops
+from llmc.ir import GraphBuilder, Node, TensorType, ops
 from llmc.ir import dims as D
 from llmc.ir.types import DTYPES
 
+from .diagnostics import UnsupportedPattern
 from .onnx_values import Known, has_symbols, ir_dtype, known
 
 Value = Union[Node, Known]
@@ -40,10 +41,6 @@ def converts(*op_types: str) -> Callable[[Converter], Converter]:
             TABLE[op_type] = fn
         return fn
     return register
-
-
-class UnsupportedPattern(LlmcError):
-    """A known ONNX op used in a way llmc cannot express."""
 
 
 class OnnxContext:

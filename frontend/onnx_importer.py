@@ -20,8 +20,8 @@ from llmc.ir import Graph, GraphBuilder, IRError, LlmcError, Module, Node, Tenso
 from llmc.ir import dims as D
 
 from . import onnx_ops, onnx_shape_ops  # noqa: F401  (register their converters)
-from .diagnostics import UnsupportedOpsError, source_line, unsupported_ops_error
-from .onnx_context import TABLE, OnnxContext, UnsupportedPattern, Value
+from .diagnostics import UnsupportedOpsError, UnsupportedPattern, source_line, unsupported_ops_error
+from .onnx_context import TABLE, OnnxContext, Value
 from .onnx_file import DEFAULT_DOMAINS, check_opset, load_onnx
 from .onnx_values import ir_dtype, known, onnx_dtype
 

@@ -21,9 +21,9 @@ from torch.export.graph_signature import InputKind
 from llmc.ir import Graph, GraphBuilder, IRError, LlmcError, Module, Node, TensorType, verify_module
 from llmc.ir import dims as D
 
-from .diagnostics import UnsupportedOpsError, unsupported_ops_error
+from .diagnostics import UnsupportedOpsError, UnsupportedPattern, unsupported_ops_error
 from .diagnostics import source_line as trace_source_line
-from .emitter import Emitter, UnsupportedPattern, torch_dtype
+from .emitter import Emitter, torch_dtype
 from .torch_ops import TABLE
 
 

@@ -8,7 +8,6 @@ such as reshape's -1 can divide and compare them exactly.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping, Union
 
 import sympy
@@ -107,9 +106,3 @@ def parse(text: str | int) -> Dim:
     return normalize(expr)
 
 
-def lower_bound(dim: Dim) -> int:
-    """A lower bound of `dim`, treating every symbol as at least 1."""
-    if isinstance(dim, int):
-        return dim
-    value = dim.subs({s: 1 for s in dim.free_symbols})
-    return int(math.floor(value)) if value.is_number else 1

@@ -68,7 +68,10 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
             tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
                                                     help="folder or tokenizer.json to take the tokenizer from"),
             verbose: bool = typer.Option(False, "--verbose", "-v",
-                                         help="say which rewrite rules fired in each function")) -> None:
+                                         help="say which rewrite rules fired in each function"),
+            dump_ir: Optional[Path] = typer.Option(None, "--dump-ir",
+                                                   help="write the IR after each step (import, each pass, the Relax "
+                                                        "module per target) into this folder")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
         require_compiler("llmc compile")
@@ -81,19 +84,26 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
         from llmc.passes.pipeline import PassOptions
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
-        compile_with_progress(model, output, targets, PassOptions(quant, quant_head, kv_cache), tokenizer)
+        compile_with_progress(model, output, targets, PassOptions(quant, quant_head, kv_cache), tokenizer, dump_ir)
         _stderr().print(f"wrote {output}")
     _guarded(action)
 
 
 @app.command()
-def inspect(model: str = typer.Argument(..., help="package directory or model"),
-            ir: bool = typer.Option(False, "--ir", help="print the whole IR")) -> None:
-    """Show a model's IR: functions, symbolic inputs, op counts, parameters."""
+def inspect(model: Optional[str] = typer.Argument(None, help="package directory or model"),
+            ir: bool = typer.Option(False, "--ir", help="print the whole IR"),
+            op: Optional[str] = typer.Option(None, "--op", help="print this IR op's signature and documentation")
+            ) -> None:
+    """Show a model's IR (functions, symbolic inputs, op counts, parameters), or what an IR op does (--op)."""
     def action() -> None:
         require_compiler("llmc inspect")
-        from llmc.inspection import describe, load_ir
+        from llmc.inspection import describe, describe_op, load_ir
 
+        if op is not None:
+            typer.echo(describe_op(op))
+            return
+        if model is None:
+            raise LlmcError("llmc inspect needs a package or model to describe, or --op NAME")
         module = load_ir(model)
         typer.echo(describe(module, full_ir=ir))
     _guarded(action)

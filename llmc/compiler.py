@@ -11,15 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmc.frontend.checkpoint import (config_beside, has_tokenizer, load_torch_model, model_config, resolve_model,
-                                      resolve_tokenizer, save_tokenizer)
+from llmc.frontend.checkpoint import config_beside, load_torch_model, model_config, resolve_model
 from llmc.frontend.gguf_speedup import shared_gguf_readers
 from llmc.frontend.gguf_weights import gguf_source_weights
 from llmc.frontend.safetensors_weights import sixteen_bit_weights
 from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
+from llmc.frontend.tokenizer_export import has_tokenizer, resolve_tokenizer, save_tokenizer
 from llmc.frontend.torch_export import MAX_EXPORT_LENGTH, import_torch_model
 from llmc.ir import Module
+from llmc.ir_dump import IRDump
 from llmc.passes.kv_cache_lowering import MAX_WINDOW_PROBE
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
 from llmc.codegen.package_writer import write_package
@@ -76,20 +77,22 @@ def _eos_ids(torch_model: Any, tokenizer_info: dict[str, Any] | None) -> list[in
 
 def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
                   options: PassOptions = PassOptions(), progress: Reporter | None = None,
-                  tokenizer: str | Path | None = None) -> Path:
+                  tokenizer: str | Path | None = None, dump_ir: str | Path | None = None) -> Path:
     """Compile `model` (a built-in name, a GGUF file, a Hugging Face folder, or a PyTorch
     causal LM) for `targets` into the package directory `output`. The tokenizer comes from
     `tokenizer` (a folder with tokenizer.json / tokenizer_config.json, or a model) when
     given, else from the checkpoint; a PyTorch module without one gets a package without a
-    tokenizer (it then takes token ids)."""
+    tokenizer (it then takes token ids). With `dump_ir`, the IR after each step is written
+    there (llmc/ir_dump.py)."""
     target_objects = [get_target(t) for t in targets]
     with shared_gguf_readers(), staged_directory(Path(output)) as staging:
-        _compile(model, staging, target_objects, options, progress or NoProgress(), tokenizer)
+        _compile(model, staging, target_objects, options, progress or NoProgress(), tokenizer,
+                 IRDump(Path(dump_ir) if dump_ir is not None else None))
     return Path(output)
 
 
 def _compile(model: Any, output: Path, target_objects: list, options: PassOptions, progress: Reporter,
-             tokenizer: str | Path | None) -> None:
+             tokenizer: str | Path | None, dump: IRDump) -> None:
     """Compile into `output`, a fresh folder."""
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
     tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
@@ -116,7 +119,8 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
         info = _model_info(module, name, config, type(torch_model).__name__)
         if _config_window(config):
             module.metadata["config_window"] = _config_window(config)
-    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources)
+    dump.module("imported", module)
+    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources, after_pass=dump.module)
     tokenizer_info = None
     if tokenizer_source is not None and has_tokenizer(tokenizer_source):
         progress.stage("saving the tokenizer")
@@ -125,17 +129,19 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
         tokenizer_info["eos_token_ids"] = _eos_ids(torch_model, tokenizer_info)
     progress.stage("writing weights")
     write_package(module, target_objects, output, info, tokenizer_info,
-                  on_target=lambda t: progress.stage(f"compiling kernels for {t.name} ({t.description})"))
+                  on_target=lambda t: progress.stage(f"compiling kernels for {t.name} ({t.description})"),
+                  on_lowered=dump.relax)
     progress.finish()
 
 
 def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
-                          options: PassOptions = PassOptions(), tokenizer: str | Path | None = None) -> Path:
+                          options: PassOptions = PassOptions(), tokenizer: str | Path | None = None,
+                          dump_ir: str | Path | None = None) -> Path:
     """`compile_model` with a progress bar on stderr (the CLI's way)."""
     from_checkpoint = isinstance(model, (str, Path))
     stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + len(passes(options)) + len(targets))
     try:
-        return compile_model(model, output, targets, options, stages, tokenizer)
+        return compile_model(model, output, targets, options, stages, tokenizer, dump_ir)
     except BaseException:
         stages.progress.stop()
         raise

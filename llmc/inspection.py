@@ -1,5 +1,5 @@
 """`llmc inspect`: a summary of a model's IR (functions, symbolic inputs, op counts, weights and
-each weight's format).
+each weight's format), or one IR op's signature and documentation (`--op NAME`).
 
 It reads a compiled package's graph, or imports a model (without compiling it).
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.ir import Module, module_from_json, print_module
+from llmc.ir import IRError, Module, module_from_json, print_module
 from llmc.ir import dims as D
+from llmc.ir.ops import all_ops
 from llmc.ir.quant_formats import SIXTEEN_BIT_SUFFIX
 from llmc.ir.types import TensorType, numpy_dtype
 from llmc.runtime.package import GRAPH_FILE, Package, is_package
@@ -30,6 +31,14 @@ def load_ir(model: str) -> Module:
     if source.kind == "onnx":
         return import_onnx_file(source.path)
     return import_torch_model(load_torch_model(source))
+
+
+def describe_op(name: str) -> str:
+    """The op's signature, then its documentation."""
+    ops = all_ops()
+    if name not in ops:
+        raise IRError(f"llmc's IR has no op {name!r}; its ops are {', '.join(sorted(ops))}")
+    return f"{ops[name].signature()}\n\n{ops[name].doc}"
 
 
 def _size(count: float) -> str:

@@ -5,8 +5,9 @@ core-ATen decompositions and ONNX files spell it out: a matmul of q with transpo
 a scale (multiplied, divided, or split as sqrt(scale) on both q and k), optionally a
 soft-cap (cap * tanh(scores / cap), Gemma 2's attention-logit capping), a mask (added,
 applied with `where`, or both), a softmax over the last axis (which ONNX exports guard with
-`where(isnan(p), 0, p)`, and some models shift by the row's maximum first), and a matmul with v. Each spelling below is one pattern; the
-rules rebuild it as `attention`, which KV-cache lowering understands. ONNX's dynamo
+`where(isnan(p), 0, p)`, and some models shift by the row's maximum first), and a matmul
+with v. Each spelling below is one pattern; the rules rebuild it as `attention`, which
+KV-cache lowering understands. ONNX's dynamo
 exporter also transposes k through a 3-D reshape; the first rule turns that back into
 the plain transpose the attention patterns expect.
 """
@@ -28,6 +29,10 @@ def _scores(q: Pattern, k: Pattern) -> Pattern:
 
 def _softmax(x: Pattern) -> Pattern:
     return op("softmax", x, axis=lambda a: a in _LAST_AXIS)
+
+
+def _single_value(node: Node) -> bool:
+    return node.type.rank == 0
 
 
 def _value(node: Node) -> float:
@@ -83,7 +88,7 @@ def _rule(name: str, scores: Pattern, scale_of) -> list[Rule]:
             "": capped,
             "_additive_mask": capped + mask,
             "_where_mask": op("where", mask, capped, scalar()),
-            "_where_then_additive_mask": op("where", var("keep"), capped, var("fill", lambda n: n.type.rank == 0)) + mask,
+            "_where_then_additive_mask": op("where", var("keep"), capped, var("fill", _single_value)) + mask,
         }
         for suffix, logits in forms.items():
             for guard, probabilities in _probabilities(logits).items():

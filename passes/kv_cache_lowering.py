@@ -5,10 +5,10 @@ The imported graph computes attention over the whole sequence with a causal mask
 pass finds every attention (whole, or spelled out: see attention_patterns), checks that
 its mask is causal, or causal within a sliding window (probed also just past any
 window-sized constant in its graph, just past the config's `sliding_window`, and at the
-context's length up to 4096 tokens, where a window would show; the layers that slide get `windowed` and the cache the window's size),
-takes K and V from before their grouped-query expansion, and replaces it with
-`paged_attention`, which appends K and V to the cache of its layer and attends over each
-sequence's cached tokens.
+context's length up to 4096 tokens, where a window would show; the layers that slide get
+`windowed` and the cache the window's size), takes K and V from before their grouped-query
+expansion, and replaces it with `paged_attention`, which appends K and V to the cache of its
+layer and attends over each sequence's cached tokens.
 The tokens of all sequences in a step are packed along the sequence axis, so every other
 op stays per-token (a graph that combines tokens elsewhere is refused: token_mixing.py),
 and a running count along the sequence is read as the positions; the positions that
@@ -22,7 +22,6 @@ GEMV schedules for it.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from llmc.ir import (Graph, GraphBuilder, KVCacheType, LlmcError, Module, Node, 
                      verify_module)
 from llmc.ir import dims as D
 from llmc.ir.graph import substitute_dims
+from llmc.ir.ops.attention import attention_scale
 from llmc.ir.kv_storage import kv_storage
 
 from . import attention_patterns
@@ -81,7 +81,8 @@ def _window_lengths(probe: Graph, context: int, config_window: int | None) -> li
                    if MASK_CHECK_LENGTHS[-1] <= size <= MAX_WINDOW_PROBE and size + extra <= context})
 
 
-def _kept(probe: Graph, graph: Graph, attention: Node, weights: dict[str, np.ndarray], length: int) -> np.ndarray | None:
+def _kept(probe: Graph, graph: Graph, attention: Node, weights: dict[str, np.ndarray],
+          length: int) -> np.ndarray | None:
     """The (length, length) keys each query of the attention keeps at `length` tokens, or None if its mask is more
     than keep-or-drop (a bias) or differs between heads."""
     causal = np.tril(np.ones((length, length), dtype=bool))
@@ -209,7 +210,7 @@ def _step_graph(graph: Graph, cache_type: KVCacheType, windowed: set[str], build
     def paged(b: GraphBuilder, m: dict[str, Node]) -> Node:
         node = m["attention"]
         q = node.inputs[0]
-        scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(q.type.shape[3])
+        scale = attention_scale(node.attrs["scale"], q.type.shape[3])
         token_major = [b.op("permute", [x], {"axes": SWAP_HEADS_AND_TOKENS}, name=node.name + "_in")
                        for x in (q, _unrepeated(node.inputs[1]), _unrepeated(node.inputs[2]))]
         out = b.op("paged_attention", token_major + [cache],

@@ -63,9 +63,12 @@ def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = No
 
 def run_pipeline(module: Module, options: PassOptions = PassOptions(),
                  on_pass: Callable[[str], None] = lambda name: None,
-                 sources: Mapping[str, SourceWeight] | None = None) -> Module:
+                 sources: Mapping[str, SourceWeight] | None = None,
+                 after_pass: Callable[[str, Module], None] = lambda name, module: None) -> Module:
+    """The passes run in order; `on_pass` hears each name before it runs, `after_pass` gets the verified result."""
     for name, run_pass in passes(options, sources):
         on_pass(name)
         module = run_pass(module)
         verify_module(module)
+        after_pass(name, module)
     return module

@@ -38,8 +38,7 @@ class Engine:
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
         # The weights' checksum runs on the other core while the tokenizer loads.
         self.package.map_weights()
-        self.tokenizer = (Tokenizer(self._tokenizer_file(info.get("file", TOKENIZER_FILE)), info.get("bos_token_id"),
-                                    self.eos_ids) if info else None)
+        self.tokenizer = Tokenizer(self._tokenizer_file(info.get("file", TOKENIZER_FILE))) if info else None
         template = info.get("chat_template")
         self.chat_template = (ChatTemplate(template, {"bos_token": info.get("bos_token"),
                                                       "eos_token": info.get("eos_token")}) if template else None)

@@ -1,10 +1,10 @@
-"""The paged KV cache as the runtime drives it.
+"""The paged KV cache as the runtime drives it on the CPU and CUDA.
 
 The cache object itself (pages, page tables, attention kernels) is created by the
 compiled library's `create_kv_cache` and lives in TVM's runtime; this class keeps the
-Python side: which sequences exist, how long each is, how many pages are free, the
-begin/end protocol around each forward step, and forks (a sequence that starts as the first
-tokens of another, sharing its pages; runtime/prefix_cache.py).
+Python side (runtime/kv_pages.py: sequences, lengths, the begin/end protocol around each
+forward step) and passes each call to TVM's cache, forks included (a sequence that starts
+as the first tokens of another, sharing its pages; runtime/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from llmc.errors import LlmcError
 
+from .kv_pages import KVPages
 from .tvm_runtime import Shape, global_func
 
 _BUILTIN = "vm.builtin."
@@ -22,12 +23,11 @@ def _builtin(name: str):
     return global_func(_BUILTIN + name)
 
 
-class PagedKVCache:
+class PagedKVCache(KVPages):
+    can_fork = True
+
     def __init__(self, vm: Any, max_batch_size: int, max_total_tokens: int, prefill_chunk: int, page_size: int):
-        self.page_size = page_size
-        self.max_total_tokens = max_total_tokens
-        self.max_batch_size = max_batch_size
-        self.prefill_chunk = prefill_chunk
+        super().__init__(max_batch_size, max_total_tokens, prefill_chunk, page_size)
         self.handle = vm["create_kv_cache"](Shape([max_batch_size]), Shape([max_total_tokens]),
                                             Shape([prefill_chunk]), Shape([page_size]), Shape([0]))
         self._add = _builtin("kv_state_add_sequence")
@@ -37,12 +37,6 @@ class PagedKVCache:
         self._popn = _builtin("kv_state_popn")
         self._fork = _builtin("kv_state_fork_sequence")
         self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
-        self.lengths: dict[int, int] = {}
-        self._next_id = 0
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
 
     def add_sequence(self) -> int:
         seq_id = self._new_id()
@@ -51,7 +45,6 @@ class PagedKVCache:
         return seq_id
 
     def fork(self, parent: int, length: int) -> int:
-        """A new sequence holding the first `length` tokens of `parent`, on the same pages."""
         seq_id = self._new_id()
         self._fork(self.handle, parent, seq_id, length)
         self.lengths[seq_id] = length
@@ -62,7 +55,6 @@ class PagedKVCache:
         del self.lengths[seq_id]
 
     def truncate(self, seq_id: int, length: int) -> None:
-        """Forget the tokens after the first `length` of a sequence."""
         drop = self.lengths[seq_id] - length
         if drop > 0:
             self._popn(self.handle, seq_id, drop)
@@ -71,12 +63,6 @@ class PagedKVCache:
     def free_pages(self) -> int:
         return int(self._free_pages(self.handle))
 
-    def total_pages(self) -> int:
-        return -(-self.max_total_tokens // self.page_size)
-
-    def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
-
     def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         if len(seq_ids) > self.max_batch_size:
             raise LlmcError(f"the KV cache runs at most {self.max_batch_size} sequences in a step")
@@ -84,5 +70,4 @@ class PagedKVCache:
 
     def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         self._end(self.handle)
-        for seq_id, count in zip(seq_ids, counts):
-            self.lengths[seq_id] += count
+        super().end(seq_ids, counts)

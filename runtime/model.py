@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from llmc.errors import LlmcError
 from . import tvm_runtime
 from .devices import open_device
 from .kv_cache import PagedKVCache
+from .kv_pages import KVPages
 from .package import CHECK_WEIGHTS, Package, PackageError
 from .prefix_cache import PrefixCache
 from .webgpu_model import WebGPUExecutor
@@ -180,7 +180,7 @@ class CompiledModel:
         self.executor = executor(package, device, settings.max_batch_size,
                                  settings.max_total_tokens or default_capacity(meta["kv_cache"], self.context_length),
                                  settings.prefill_chunk)
-        self.cache = self.executor.cache
+        self.cache: KVPages = self.executor.cache
         self.prefix = PrefixCache(self.cache, settings.prefix_cache)
         # Steps of more tokens switch to kernels that cost much more (the CPU's matrix-matrix ones): speculation
         # keeps decode steps within this when the package says so.
@@ -238,7 +238,3 @@ class CompiledModel:
         finally:
             self.cache.remove_sequence(seq_id)
         return np.concatenate(parts)
-
-
-def open_model(path: str | Path, device: str = "cpu", cache: CacheSettings | None = None) -> CompiledModel:
-    return CompiledModel(Package.open(path), device, cache)

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import xxhash
+
+from .kv_pages import KVPages
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def page_hashes(tokens: Sequence[int], page_size: int, skip: int = 0, parent: in
 
 
 class PrefixCache:
-    def __init__(self, cache: Any, enabled: bool = True):
+    def __init__(self, cache: KVPages, enabled: bool = True):
         self.cache = cache
         self.enabled = enabled and self.can_fork
         self._index: dict[int, int] = {}  # page hash -> a sequence holding that page
@@ -74,7 +76,7 @@ class PrefixCache:
     @property
     def can_fork(self) -> bool:
         """Whether the KV cache can start a sequence on another's pages (vulkan's cannot)."""
-        return hasattr(self.cache, "fork")
+        return self.cache.can_fork
 
     @property
     def stats(self) -> PrefixStats:

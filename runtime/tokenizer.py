@@ -29,7 +29,7 @@ def _return_freed_memory() -> None:
 
 
 class Tokenizer:
-    def __init__(self, path: Path, bos_token_id: int | None = None, eos_token_ids: Sequence[int] = ()):
+    def __init__(self, path: Path):
         if not path.is_file():
             raise LlmcError(f"the package has no tokenizer ({path.name} is missing); pass token ids instead of text")
         try:
@@ -37,8 +37,6 @@ class Tokenizer:
         except Exception as error:  # tokenizers raises its own Exception subclass
             raise LlmcError(f"{path} is not a valid tokenizer.json: {error}") from None
         _return_freed_memory()
-        self.bos_token_id = bos_token_id
-        self.eos_token_ids = list(eos_token_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
@@ -50,9 +48,6 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
 
 
 class TextStream:

@@ -1,7 +1,7 @@
 """The paged KV cache of the vulkan runtime: page pools on the GPU, page tables in Python.
 
-It has the surface of `PagedKVCache` (sequences, lengths, free pages, begin/end around each step), so the
-engine and the scheduler drive both alike. Each layer has one pool of pages (pages, 2, kv_heads, page_size,
+It is a `KVPages` (runtime/kv_pages.py) like the CPU's `PagedKVCache`, so the engine and the scheduler drive
+both alike; it cannot fork. Each layer has one pool of pages (pages, 2, kv_heads, page_size,
 row width), keys at 0 and values at 1, in the package's storage format (`pool_row`), written by the kernels.
 `begin` gives the new tokens their pages and computes the step's tensors that the kernels read
 (targets/webgpu/kv_cache.py): each new token's pool slot, its sequence's row in the page table, how many keys
@@ -16,6 +16,7 @@ import numpy as np
 
 from llmc.errors import LlmcError
 
+from .kv_pages import KVPages
 from .webgpu_plan import STEP_FIELDS, pool_name
 
 
@@ -29,31 +30,25 @@ def pool_row(layout: dict[str, Any]) -> tuple[str, int]:
     return "int32", row_bytes // 4
 
 
-class WebGPUKVCache:
+class WebGPUKVCache(KVPages):
     def __init__(self, device: Any, layout: dict[str, Any], max_batch_size: int, max_total_tokens: int,
                  prefill_chunk: int):
         import wgpu
 
-        self.page_size = int(layout["page_size"])
-        self.max_total_tokens = max_total_tokens
-        self.max_batch_size = max_batch_size
-        self.prefill_chunk = prefill_chunk
+        super().__init__(max_batch_size, max_total_tokens, prefill_chunk, int(layout["page_size"]))
         dtype, width = pool_row(layout)
         self.pool_shape = (self.total_pages(), 2, int(layout["num_kv_heads"]), self.page_size, width)
         size = int(np.prod(self.pool_shape)) * np.dtype(dtype).itemsize
         self.pools = [device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE)
                       for _ in range(int(layout["num_layers"]))]
-        self.lengths: dict[int, int] = {}
         self._pages: dict[int, list[int]] = {}
         self._free = list(range(self.total_pages() - 1, -1, -1))
-        self._next_id = 0
         self._step: dict[str, np.ndarray] = {}
 
     def add_sequence(self) -> int:
         if len(self.lengths) >= self.max_batch_size:
             raise LlmcError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
-        seq_id = self._next_id
-        self._next_id += 1
+        seq_id = self._new_id()
         self.lengths[seq_id] = 0
         self._pages[seq_id] = []
         return seq_id
@@ -63,7 +58,6 @@ class WebGPUKVCache:
         del self.lengths[seq_id]
 
     def truncate(self, seq_id: int, length: int) -> None:
-        """Forget the tokens after the first `length` of a sequence."""
         if length < self.lengths[seq_id]:
             self.lengths[seq_id] = length
             pages = self._pages[seq_id]
@@ -72,12 +66,6 @@ class WebGPUKVCache:
 
     def free_pages(self) -> int:
         return len(self._free)
-
-    def total_pages(self) -> int:
-        return -(-self.max_total_tokens // self.page_size)
-
-    def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
 
     def begin(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         wanted = sum(max(0, self.pages_for(self.lengths[s] + c) - len(self._pages[s])) for s, c in zip(seq_ids, counts))
@@ -101,8 +89,7 @@ class WebGPUKVCache:
 
     def end(self, seq_ids: Sequence[int], counts: Sequence[int]) -> None:
         self._step = {}
-        for seq_id, count in zip(seq_ids, counts):
-            self.lengths[seq_id] += count
+        super().end(seq_ids, counts)
 
     def tensors(self) -> dict[str, Any]:
         """The cache's inputs of the step between `begin` and `end`: (buffer, shape) for each layer's pool

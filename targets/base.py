@@ -132,7 +132,3 @@ def get_target(name: str) -> Target:
     if name not in _REGISTRY:
         raise LlmcError(f"unknown target {name!r}; llmc knows {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
-
-
-def target_names() -> list[str]:
-    return sorted(_REGISTRY)

@@ -16,13 +16,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from typing import Sequence
+
 import tvm
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.base import ScheduleRule
 
 from llmc.ir import LlmcError
 
-from .base import Target
-from .pipeline import relax_pipeline
+from .gpu import GPUTarget
 
 SHIM = Path(__file__).resolve().parent / "metal_shim"
 UNIT = re.compile(r"^// Function: (\w+)$", re.MULTILINE)
@@ -54,7 +56,7 @@ def check_msl(source: str) -> None:
         raise LlmcError(f"the generated Metal kernels fail the syntax check: {result.stderr.strip()[:500]}")
 
 
-class MetalTarget(Target):
+class MetalTarget(GPUTarget):
     name = "metal"
     device_kind = "metal"
     runtime_libraries = ()  # a Metal-enabled TVM runtime for macOS; this TVM wheel has none
@@ -63,11 +65,10 @@ class MetalTarget(Target):
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target("apple/m2-gpu")
 
-    def relax_pipeline(self) -> tvm.transform.Pass:
-        # dlight's Matmul rule (simdgroup matmul on Metal) spends about two minutes on each matmul with a
-        # symbolic row count in this TVM; GEMV and the fallback schedule every kernel in seconds.
-        return relax_pipeline(self.tvm_target(), [dlight.gpu.GEMV(), dlight.gpu.Reduction(),
-                                                dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()])
+    def schedule_rules(self) -> Sequence[ScheduleRule]:
+        """Without Matmul: dlight's Matmul rule (simdgroup matmul on Metal) spends about two minutes on each matmul
+        with a symbolic row count in this TVM; GEMV and the fallback schedule every kernel in seconds."""
+        return [rule for rule in super().schedule_rules() if not isinstance(rule, dlight.gpu.Matmul)]
 
     def library_file(self) -> str:
         return "lib-metal.tar"

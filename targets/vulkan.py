@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.base import ScheduleRule
 
 from llmc.ir import KVCacheType
 from llmc.runtime.webgpu_plan import PLAN_FORMAT, cache_field_names
 
-from .base import OwnKVCache, Target
+from .base import OwnKVCache
+from .gpu import GPUTarget
 from .pipeline import scheduling_passes
 from .webgpu.kernels import compile_kernels
 from .webgpu.kv_cache import TensorKVCache
 from .webgpu.launch_plan import function_plan
 
-# dlight's GPU rules. The matmuls of prefill and decode are the same kernels (their row counts are both
-# symbolic), and LowBatchGEMV with buckets of one row comes first: decode gets a plain GEMV instead of a
-# matmul tile padded to 32 rows, at the price of prefill reading the weights once per token.
-SCHEDULE_RULES = (dlight.gpu.LowBatchGEMV(1), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
-                  dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
-
-
-class VulkanTarget(Target):
+class VulkanTarget(GPUTarget):
     name = "vulkan"
     device_kind = "vulkan"
     description = "Vulkan GPUs through wgpu (WGSL kernels; Metal on macOS)"
@@ -49,15 +44,21 @@ class VulkanTarget(Target):
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})
 
+    def schedule_rules(self) -> Sequence[ScheduleRule]:
+        """LowBatchGEMV with buckets of one row first. The matmuls of prefill and decode are the same kernels
+        (their row counts are both symbolic): decode gets a plain GEMV instead of a matmul tile padded to 32 rows,
+        at the price of prefill reading the weights once per token."""
+        return (dlight.gpu.LowBatchGEMV(1), *super().schedule_rules())
+
     def relax_pipeline(self) -> tvm.transform.Pass:
         """Legalize, fuse and schedule (dlight's GPU rules); the result stays Relax calls of TIR kernels,
         which `build` turns into WGSL and launch plans."""
-        target = self.tvm_target()
+        target, rules = self.tvm_target(), self.schedule_rules()
 
         @tvm.transform.module_pass(opt_level=0)
         def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
             with target:
-                return tvm.transform.Sequential(scheduling_passes(SCHEDULE_RULES))(mod)
+                return tvm.transform.Sequential(scheduling_passes(rules))(mod)
 
         return pipeline
 

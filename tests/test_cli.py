@@ -96,6 +96,15 @@ def test_inspect_a_hugging_face_folder(tmp_path):
     assert "attention 1" in result.stdout
 
 
+def test_inspect_an_op_prints_its_signature_and_doc():
+    result = llmc_cli("inspect", "--op", "attention")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("attention(q, k, v, mask?) {scale=None, causal=False, softcap=None}\n")
+    assert "softmax(q @ k^T * scale + mask) @ v" in result.stdout
+    assert_clean_failure(llmc_cli("inspect", "--op", "atention"), "llmc's IR has no op 'atention'", "attention,")
+    assert_clean_failure(llmc_cli("inspect"), "needs a package or model to describe, or --op NAME")
+
+
 def test_help_lists_the_commands():
     result = llmc_cli("--help")
     for command in ("compile", "inspect", "run", "chat"):

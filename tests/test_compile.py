@@ -118,3 +118,20 @@ def test_decode_checks_only_its_token_inputs_on_each_call(tiny_package):
 def test_unknown_device_is_refused(tiny_package):
     with pytest.raises(llmc.LlmcError, match="no library for device 'tpu'"):
         llmc.load(tiny_package("llama_gqa_tied"), device="tpu")
+
+
+def test_dump_ir_writes_each_step_in_order(tiny_model, tmp_path):
+    """--dump-ir: the imported module, the module after each pass (named after it), then the Relax module."""
+    from llmc.compiler import compile_model
+    from llmc.passes.pipeline import PassOptions, passes
+
+    compile_model(tiny_model("llama_gqa_tied"), tmp_path / "pkg", dump_ir=tmp_path / "ir")
+    files = sorted(path.name for path in (tmp_path / "ir").iterdir())
+    steps = [name for name, _ in passes(PassOptions())]
+    assert len(files) == 1 + len(steps) + 1
+    assert files[0] == "01-imported.txt" and files[1] == "02-lower-attention-to-the-paged-kv-cache-f32.txt"
+    assert files[-1] == f"{len(files):02d}-relax-for-cpu.py"
+    imported, lowered = ((tmp_path / "ir" / name).read_text() for name in files[:2])
+    assert "func forward(" in imported and "paged_attention" not in imported
+    assert "func decode(" in lowered and "paged_attention" in lowered
+    assert "def decode(" in (tmp_path / "ir" / files[-1]).read_text()

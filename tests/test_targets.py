@@ -75,9 +75,9 @@ def test_cuda_library_embeds_cubins_for_each_architecture_and_ptx(multi_package)
 def test_cuda_device_needs_a_gpu(multi_package):
     import tvm
 
-    from llmc.targets.cuda import _ensure_cuda_plugin
+    from llmc.targets.cuda_toolchain import ensure_cuda_plugin
 
-    _ensure_cuda_plugin()
+    ensure_cuda_plugin()
     if tvm.cuda(0).exist:
         pytest.skip("a CUDA GPU is present; tests/test_targets.py checks the refusal only without one")
     with pytest.raises(llmc.LlmcError, match="no CUDA device"):
@@ -89,9 +89,9 @@ def test_cuda_package_generates_the_cpu_tokens_on_a_gpu(multi_package):
     import tvm
 
     from llmc.runtime.sampling import SamplingParams
-    from llmc.targets.cuda import _ensure_cuda_plugin
+    from llmc.targets.cuda_toolchain import ensure_cuda_plugin
 
-    _ensure_cuda_plugin()
+    ensure_cuda_plugin()
     if not tvm.cuda(0).exist:
         pytest.skip("no CUDA GPU on this machine: the cuda package is compiled and checked here, run only on a GPU")
     cpu, cuda = llmc.load(multi_package, device="cpu"), llmc.load(multi_package, device="cuda")

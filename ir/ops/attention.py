@@ -54,9 +54,14 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
         return as_dtype(np.matmul(softmax_reference(scores, -1), v), q.dtype.name)
 
 
+def attention_scale(scale: float | None, head_dim: int) -> float:
+    """An attention's scale: its `scale` attribute, or 1 / sqrt(head_dim) when that is None (PyTorch's default)."""
+    return scale if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def _attention_reference(values, attrs, out_shape):
     q, k, v, mask = values
-    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = attention_scale(attrs["scale"], q.shape[-1])
     if attrs["causal"]:
         causal = np.tril(np.ones((q.shape[-2], k.shape[-2]), dtype=bool))
         mask = causal if mask is None else (mask & causal if mask.dtype == np.bool_ else np.where(causal, mask, -np.inf))

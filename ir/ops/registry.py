@@ -49,6 +49,12 @@ class OpDef:
         elif count != len(self.inputs):
             raise IRError(f"op {self.name} takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {count}")
 
+    def signature(self) -> str:
+        """name(inputs) {attribute=default, ...}, as `llmc inspect --op` prints it."""
+        attrs = ", ".join(f"{key}={'required' if default is REQUIRED else default!r}"
+                          for key, default in self.attrs.items())
+        return f"{self.name}({', '.join(self.inputs)})" + (f" {{{attrs}}}" if attrs else "")
+
     def optional(self, index: int) -> bool:
         return index < len(self.inputs) and self.inputs[index].endswith("?")
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from llmc.ir.quant_formats import GROUP
+
 GEMV_ROWS = 8
 ROWS_PER_TASK = 4
 ROW_TILE = 2  # activation rows per unpacked weight vector in the quantized GEMV
 MR = 4
 LANES = 16
-GROUP = 32
 IDX32 = [T.int32(i) for i in range(32)]
 
 

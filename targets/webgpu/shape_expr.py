@@ -10,7 +10,7 @@ from typing import Callable
 
 from tvm import tirx
 
-from llmc.runtime.webgpu_plan import OPERATORS, SizeExpr
+from llmc.runtime.webgpu_plan import SizeExpr
 
 _TVM_OPERATORS = {tirx.Add: "+", tirx.Sub: "-", tirx.Mul: "*", tirx.FloorDiv: "//", tirx.FloorMod: "%",
                   tirx.Min: "min", tirx.Max: "max"}
