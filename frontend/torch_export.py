@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -37,44 +37,18 @@ def export_causal_lm(model: torch.nn.Module, max_length: int = MAX_EXPORT_LENGTH
     """The model's graph for any sequence length below `max_length`. Models that size tensors from their position
     limit (a position table sliced to the sequence, ALiBi biases) only trace for lengths up to it, and some
     specialise at exactly that length, hence the strict bound. After KV-cache lowering the sequence axis counts one
-    step's tokens, so the bound only steers which branch the trace takes, not how long a step may be.
-
-    Some models make guards on the length that torch's solver cannot prove for the whole range although they hold
-    (min(window, seq) <= seq). The export is then tried again with the length left for torch to range
-    (`Dim.DYNAMIC`), and kept if the length stays symbolic over the same lengths (torch's usual assumption that a
-    size of 1 behaves like 2 and up aside, which every exported model relies on for decode)."""
+    step's tokens, so the bound only steers which branch the trace takes, not how long a step may be."""
     wrapped = CausalLMWrapper(model) if hasattr(model, "config") else model
     wrapped.eval()
     ids = torch.arange(1, sample_length + 1, dtype=torch.int64).reshape(1, -1)
-    longest = max(max_length - 1, sample_length + 1)
+    seq = Dim("seq", min=1, max=max(max_length - 1, sample_length + 1))
     try:
-        return _export(model, wrapped, ids, Dim("seq", min=1, max=longest))
+        with torch.no_grad(), warnings.catch_warnings(), _traceable_experts(model):
+            warnings.simplefilter("ignore")
+            return torch.export.export(wrapped, (ids,), dynamic_shapes=({1: seq},), strict=False)
     except Exception as error:  # torch raises many types here; the user needs the first line
-        reason = f"torch.export could not export the model ({type(error).__name__}): {_reason(error)}"
-    try:
-        program = _export(model, wrapped, ids, Dim.DYNAMIC(min=1, max=longest))
-    except Exception:  # the first attempt's reason is the one to give
-        raise LlmcError(reason) from None
-    if not _symbolic_up_to(program, longest):
-        raise LlmcError(reason)
-    return program
-
-
-def _export(model: torch.nn.Module, wrapped: torch.nn.Module, ids: torch.Tensor, seq: Any) -> ExportedProgram:
-    with torch.no_grad(), warnings.catch_warnings(), _traceable_experts(model):
-        warnings.simplefilter("ignore")
-        return torch.export.export(wrapped, (ids,), dynamic_shapes=({1: seq},), strict=False)
-
-
-def _symbolic_up_to(program: ExportedProgram, longest: int) -> bool:
-    """Whether the exported input's length is a symbol that ranges from 2 or less up to `longest`."""
-    ids = next(node for node in program.graph.nodes if node.op == "placeholder"
-               and node.name in program.graph_signature.user_inputs)
-    length = ids.meta["val"].shape[1]
-    if not isinstance(length, torch.SymInt):
-        return False
-    bounds = program.range_constraints.get(length.node.expr)
-    return bounds is not None and int(bounds.lower) <= 2 and int(bounds.upper) >= longest
+        raise LlmcError(f"torch.export could not export the model ({type(error).__name__}): "
+                        f"{_reason(error)}") from None
 
 
 @contextlib.contextmanager
