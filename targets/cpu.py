@@ -103,14 +103,11 @@ class CpuTarget(Target):
     def _has_f16c(self) -> bool:
         return bool(llvm_cpu_has_features(["f16c"], self.tvm_target()))
 
-    def _own_attention(self, cache: KVCacheType) -> bool:
+    def attends_with_own_kernels(self, cache: KVCacheType) -> bool:
         return cache.dtype == "float32" and attention.supported(kv_storage(cache.storage), cache.head_dim)
 
-    def attends_with_own_kernels(self, cache: KVCacheType) -> bool:
-        return self._own_attention(cache)
-
     def kv_cache_kernels(self, cache: KVCacheType, page_size: int) -> dict[str, tvm.tirx.PrimFunc]:
-        if not self._own_attention(cache):
+        if not self.attends_with_own_kernels(cache):
             return {}
         storage = kv_storage(cache.storage)
         heads = (storage, cache.num_kv_heads, cache.num_q_heads, cache.head_dim, cache.softcap, cache.window)
@@ -123,7 +120,7 @@ class CpuTarget(Target):
         }
 
     def kv_row_kernels(self, cache: KVCacheType) -> tuple[Kernel, Kernel] | None:
-        if not self._own_attention(cache):
+        if not self.attends_with_own_kernels(cache):
             return None
         storage = kv_storage(cache.storage)
         shape = geometry(storage, cache.num_q_heads, cache.num_kv_heads, cache.head_dim)
