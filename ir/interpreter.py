@@ -7,7 +7,7 @@ evaluated with those bindings before the op runs.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import sympy
@@ -15,7 +15,7 @@ import sympy
 from . import dims as D
 from . import ops
 from .errors import IRError
-from .graph import INPUT, PARAM, Graph, Module
+from .graph import INPUT, PARAM, Graph, Module, Node
 from .types import TensorType
 
 
@@ -54,24 +54,34 @@ def _concrete(value: Any, bindings: Mapping[str, int]) -> Any:
     return value
 
 
-def run_graph(graph: Graph, inputs: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> list[Any]:
+def run_graph(graph: Graph, inputs: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+              observe: Callable[[Node, Any], None] | None = None) -> list[Any]:
+    """The graph's outputs. Each value is dropped after its last use, so a long prompt through a deep model
+    holds a few layers' values, not all of them; `observe` (when given) sees every node's value as it is made."""
     bindings = bind_dims(graph, inputs)
+    last_use = {id(source): index for index, node in enumerate(graph.nodes) for source in node.inputs
+                if source is not None}
+    kept = {id(n) for n in graph.outputs}
     values: dict[int, Any] = {}
-    for node in graph.nodes:
+    for index, node in enumerate(graph.nodes):
         if node.op == INPUT:
             values[id(node)] = inputs[node.name]
-            continue
-        if node.op == PARAM:
+        elif node.op == PARAM:
             values[id(node)] = weights[node.attrs["weight"]]
-            continue
-        args = [values[id(v)] if v is not None else None for v in node.inputs]
-        attrs = _concrete(node.attrs, bindings)
-        out_shape = node.type.concrete_shape(bindings) if isinstance(node.type, TensorType) else ()
-        result = ops.get(node.op).reference(args, attrs, out_shape)
-        if isinstance(node.type, TensorType) and tuple(np.shape(result)) != out_shape:
-            raise IRError(f"function {graph.name}, node %{node.name} ({node.op}): reference gave shape "
-                          f"{np.shape(result)}, type says {out_shape}")
-        values[id(node)] = result
+        else:
+            args = [values[id(v)] if v is not None else None for v in node.inputs]
+            attrs = _concrete(node.attrs, bindings)
+            out_shape = node.type.concrete_shape(bindings) if isinstance(node.type, TensorType) else ()
+            result = ops.get(node.op).reference(args, attrs, out_shape)
+            if isinstance(node.type, TensorType) and tuple(np.shape(result)) != out_shape:
+                raise IRError(f"function {graph.name}, node %{node.name} ({node.op}): reference gave shape "
+                              f"{np.shape(result)}, type says {out_shape}")
+            values[id(node)] = result
+            for source in {id(v) for v in node.inputs if v is not None}:
+                if last_use[source] == index and source not in kept:
+                    del values[source]
+        if observe is not None:
+            observe(node, values[id(node)])
     return [values[id(n)] for n in graph.outputs]
 
 

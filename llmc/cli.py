@@ -71,7 +71,14 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
                                          help="say which rewrite rules fired in each function"),
             dump_ir: Optional[Path] = typer.Option(None, "--dump-ir",
                                                    help="write the IR after each step (import, each pass, the Relax "
-                                                        "module per target) into this folder")) -> None:
+                                                        "module per target) into this folder"),
+            prune: Optional[str] = typer.Option(None, "--prune",
+                                                help="remove the least important decoder layers, KV groups of heads "
+                                                     "(per layer) and MLP channels (per layer), as counts or shares: "
+                                                     "layers=3,heads=1,mlp=0.25"),
+            calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                                       help="text file on which --prune measures importance "
+                                                            "(default: a mixed text shipped with llmc)")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
         require_compiler("llmc compile")
@@ -82,9 +89,13 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
             logging.getLogger("llmc.passes").setLevel(logging.DEBUG)
         from llmc.compiler import compile_with_progress
         from llmc.passes.pipeline import PassOptions
+        from llmc.passes.pruning_options import Pruning
 
         targets = [t.strip() for t in target.split(",") if t.strip()]
-        compile_with_progress(model, output, targets, PassOptions(quant, quant_head, kv_cache), tokenizer, dump_ir)
+        if calibration is not None and prune is None:
+            raise LlmcError("--calibration is the text --prune measures on; give --prune too")
+        options = PassOptions(quant, quant_head, kv_cache, Pruning.parse(prune or ""))
+        compile_with_progress(model, output, targets, options, tokenizer, dump_ir, calibration)
         _stderr().print(f"wrote {output}")
     _guarded(action)
 

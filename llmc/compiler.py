@@ -1,8 +1,9 @@
 """`llmc.compile`: checkpoint or PyTorch module in, package directory out.
 
 It strings the stages together: load the checkpoint as a PyTorch model, export and
-import it into the IR (an ONNX file is imported directly), run the pass pipeline, save
-the tokenizer, build one library per target and write the package. Each stage reports
+import it into the IR (an ONNX file is imported directly), save the tokenizer, measure
+importance on a calibration text when pruning, run the pass pipeline, build one library
+per target and write the package. Each stage reports
 to a progress display.
 """
 
@@ -23,6 +24,10 @@ from llmc.ir import Module
 from llmc.ir_dump import IRDump
 from llmc.passes.kv_cache_lowering import MAX_WINDOW_PROBE
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
+from llmc.passes.pruning_importance import (CALIBRATION_TOKENS, DEFAULT_CALIBRATION, Importance,
+                                            measure_importance)
+from llmc.passes.pruning_options import PruningError
+from llmc.runtime.tokenizer import Tokenizer
 from llmc.codegen.package_writer import write_package
 from llmc.codegen.staged_directory import staged_directory
 from llmc.targets import get_target
@@ -77,22 +82,46 @@ def _eos_ids(torch_model: Any, tokenizer_info: dict[str, Any] | None) -> list[in
 
 def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
                   options: PassOptions = PassOptions(), progress: Reporter | None = None,
-                  tokenizer: str | Path | None = None, dump_ir: str | Path | None = None) -> Path:
+                  tokenizer: str | Path | None = None, dump_ir: str | Path | None = None,
+                  calibration: str | Path | None = None) -> Path:
     """Compile `model` (a built-in name, a GGUF file, a Hugging Face folder, or a PyTorch
     causal LM) for `targets` into the package directory `output`. The tokenizer comes from
     `tokenizer` (a folder with tokenizer.json / tokenizer_config.json, or a model) when
     given, else from the checkpoint; a PyTorch module without one gets a package without a
     tokenizer (it then takes token ids). With `dump_ir`, the IR after each step is written
-    there (llmc/ir_dump.py)."""
+    there (llmc/ir_dump.py). Pruning (`options.prune`) measures importance on the text in the file
+    `calibration` (default: passes/calibration.txt)."""
     target_objects = [get_target(t) for t in targets]
+    text = _calibration_text(calibration) if options.prune.requested else None
     with shared_gguf_readers(), staged_directory(Path(output)) as staging:
         _compile(model, staging, target_objects, options, progress or NoProgress(), tokenizer,
-                 IRDump(Path(dump_ir) if dump_ir is not None else None))
+                 IRDump(Path(dump_ir) if dump_ir is not None else None), text)
     return Path(output)
 
 
+def _calibration_text(path: str | Path | None) -> str:
+    path = Path(path) if path is not None else DEFAULT_CALIBRATION
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PruningError(f"cannot read the calibration text {path}: {error}") from None
+    if not text.strip():
+        raise PruningError(f"the calibration text {path} is empty")
+    return text
+
+
+def _importance(module: Module, text: str, tokenizer_file: Path | None, progress: Reporter) -> Importance:
+    """Importance measured on `text` through the package's tokenizer."""
+    if tokenizer_file is None:
+        raise PruningError("pruning measures importance on a calibration text, so it needs the model's tokenizer; "
+                           "this model has none (give one with --tokenizer)")
+    tokens = Tokenizer(tokenizer_file).encode(text)[:CALIBRATION_TOKENS]
+    progress.stage(f"measuring layers, heads and channels on {len(tokens)} calibration tokens")
+    return measure_importance(module, tokens)
+
+
 def _compile(model: Any, output: Path, target_objects: list, options: PassOptions, progress: Reporter,
-             tokenizer: str | Path | None, dump: IRDump) -> None:
+             tokenizer: str | Path | None, dump: IRDump, calibration: str | None) -> None:
     """Compile into `output`, a fresh folder."""
     source = resolve_model(str(model)) if isinstance(model, (str, Path)) else None
     tokenizer_source = resolve_tokenizer(str(tokenizer)) if tokenizer is not None else source
@@ -120,11 +149,16 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
         if _config_window(config):
             module.metadata["config_window"] = _config_window(config)
     dump.module("imported", module)
-    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources, after_pass=dump.module)
     tokenizer_info = None
     if tokenizer_source is not None and has_tokenizer(tokenizer_source):
         progress.stage("saving the tokenizer")
         tokenizer_info = save_tokenizer(tokenizer_source, output)
+    importance = None
+    if calibration is not None:
+        importance = _importance(module, calibration, output / tokenizer_info["file"] if tokenizer_info else None,
+                                 progress)
+    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources, after_pass=dump.module,
+                          importance=importance)
     if tokenizer_info is not None:
         tokenizer_info["eos_token_ids"] = _eos_ids(torch_model, tokenizer_info)
     progress.stage("writing weights")
@@ -136,12 +170,13 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
 
 def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str] = ("cpu",),
                           options: PassOptions = PassOptions(), tokenizer: str | Path | None = None,
-                          dump_ir: str | Path | None = None) -> Path:
+                          dump_ir: str | Path | None = None, calibration: str | Path | None = None) -> Path:
     """`compile_model` with a progress bar on stderr (the CLI's way)."""
     from_checkpoint = isinstance(model, (str, Path))
-    stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + len(passes(options)) + len(targets))
+    stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + int(options.prune.requested)
+                    + len(passes(options)) + len(targets))
     try:
-        return compile_model(model, output, targets, options, stages, tokenizer, dump_ir)
+        return compile_model(model, output, targets, options, stages, tokenizer, dump_ir, calibration)
     except BaseException:
         stages.progress.stop()
         raise

@@ -78,9 +78,33 @@ def describe(module: Module, full_ir: bool = False) -> str:
                      + (f", scores soft-capped at {cache['softcap']:g}" if cache.get("softcap") else "")
                      + (f", a sliding window of {cache['window']} tokens in windowed layers" if cache.get("window")
                         else ""))
+    lines += pruning_summary(module.metadata.get("pruning"))
     lines.append("\nweights (name, format):")
     lines += [f"  {name}  {form}" for name, form in sorted(weight_formats(module).items())]
     return "\n".join(lines)
+
+
+def pruning_summary(pruning: dict | None) -> list[str]:
+    """What `--prune` removed, as the pruning passes recorded it."""
+    if not pruning:
+        return []
+    lines = ["\npruned:"]
+    if "layers" in pruning:
+        removed = pruning["layers"]["removed"]
+        lines.append(f"  decoder layers: {len(removed)} of {pruning['layers']['of']} removed "
+                     f"({', '.join(map(str, removed))})")
+    if "heads" in pruning:
+        heads = pruning["heads"]
+        (groups, kept_groups), (q_heads, kept_heads) = heads["kv_groups"], heads["q_heads"]
+        lines.append(f"  attention: {groups - kept_groups} of {groups} KV groups removed per layer ({q_heads} -> "
+                     f"{kept_heads} query heads, {groups} -> {kept_groups} key/value heads)")
+        lines.append("    groups removed by layer: " + "; ".join(f"{layer}: {', '.join(map(str, removed))}"
+                                                           for layer, removed in heads["removed"].items()))
+    if "mlp" in pruning:
+        widths = sorted({tuple(w) for w in pruning["mlp"].values()})
+        lines.append("  MLP channels: " + ", ".join(f"{old} -> {new} ({(old - new) / old:.1%} removed)"
+                                                     for old, new in widths) + f" in {len(pruning['mlp'])} MLPs")
+    return lines
 
 
 # The arrays that hold a weight in its format.

@@ -22,6 +22,7 @@ GEMV schedules for it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -312,14 +313,16 @@ def lower_kv_cache(module: Module, storage: str = "f32") -> Module:
     functions = {"prefill": _prefill(step, builder), "decode": _decode(step)}
     used = {n.attrs["weight"] for g in functions.values() for n in g.params()}
     lowered = Module(functions, {k: v for k, v in module.weights.items() if k in used},
-                     {**module.metadata, "kv_cache": {"num_layers": cache_type.num_layers,
-                                                      "num_q_heads": cache_type.num_q_heads,
-                                                      "num_kv_heads": cache_type.num_kv_heads,
-                                                      "head_dim": cache_type.head_dim, "dtype": cache_type.dtype,
-                                                      "storage": storage, "softcap": cache_type.softcap,
-                                                      "window": cache_type.window,
-                                                      "bytes_per_token": kv_storage(storage).bytes_per_token(
-                                                          cache_type.num_layers, cache_type.num_kv_heads,
-                                                          cache_type.head_dim)}})
+                     {**module.metadata, "kv_cache": kv_cache_metadata(cache_type)})
     verify_module(lowered)
     return lowered
+
+
+def kv_cache_metadata(cache_type: KVCacheType) -> dict[str, Any]:
+    """What a package records of its KV cache, and the bytes it keeps per token."""
+    storage = cache_type.storage
+    return {"num_layers": cache_type.num_layers, "num_q_heads": cache_type.num_q_heads,
+            "num_kv_heads": cache_type.num_kv_heads, "head_dim": cache_type.head_dim, "dtype": cache_type.dtype,
+            "storage": storage, "softcap": cache_type.softcap, "window": cache_type.window,
+            "bytes_per_token": kv_storage(storage).bytes_per_token(cache_type.num_layers, cache_type.num_kv_heads,
+                                                                   cache_type.head_dim)}

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from llmc.ir import PARAM, GraphBuilder, Module, Node, TensorType
-from llmc.ir.quant_formats import GROUP, SIXTEEN_BIT_SUFFIX, Quantized, quantize
+from llmc.ir.quant_formats import GROUP, SIXTEEN_BIT_SUFFIX, Quantized, input_count, quantize
 
 from .rewrite import Rule, op, rewrite_once, var
 
@@ -38,6 +38,22 @@ class SourceWeight:
 
     format: str
     data: Quantized | np.ndarray
+
+
+def _fitted(source: SourceWeight | None, weight: np.ndarray) -> SourceWeight | None:
+    """`source`, or where pruning has cut the weight since, the cut weight in llmc's format of the same width (a
+    Q4_1 source requantized from its own dequantized values gives back its codes; 16-bit values are exact)."""
+    if source is None:
+        return None
+    data = source.data
+    if isinstance(data, np.ndarray):
+        return source if data.shape == weight.shape else SourceWeight(source.format, weight.astype(data.dtype))
+    if (data.codes.shape[0], input_count(data.codes.shape, data.bits)) == weight.shape:
+        return source
+    if weight.shape[1] % GROUP:
+        return None
+    format = "q4" if data.bits == 4 else "q8"
+    return SourceWeight(format, quantize(weight, FORMATS[format]))
 
 
 def _weight(node: Node) -> str | None:
@@ -85,7 +101,7 @@ def quantize_module(module: Module, layers: str, head: str, sources: Mapping[str
         if choice == "auto" and experts:
             return None
         if choice == "auto":
-            source = sources.get(name)
+            source = _fitted(sources.get(name), weight)
             return (source.format, source.data) if source else None
         if choice == "f32" or weight.ndim != 2 or weight.dtype.name != "float32":
             return None

@@ -110,3 +110,13 @@ def test_help_lists_the_commands():
     for command in ("compile", "inspect", "run", "chat"):
         assert command in result.stdout
     assert Path(sys.executable).exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prune", "layers=3,width=2"], "llmc prunes layers, heads, mlp"),
+    (["--calibration", "text.txt"], "--calibration is the text --prune measures on; give --prune too"),
+    (["--prune", "layers=99"], "cannot remove 99 of the model's 30 decoder layers"),
+    (["--prune", "mlp=0.1", "--calibration", "/nonexistent/text.txt"], "cannot read the calibration text"),
+])
+def test_bad_pruning_requests(tmp_path, args, fragment):
+    assert_clean_failure(llmc_cli("compile", "smollm2-135m", "-o", str(tmp_path / "out"), *args), fragment)
