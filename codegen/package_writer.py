@@ -1,5 +1,6 @@
 """Write a package directory: weights, graph, one library per target and the TVM runtime
-libraries it needs, then the metadata.
+libraries it needs, then the metadata. A tensor-parallel package holds one such package per
+shard (`shard-0`, ...) under metadata that lists them.
 
 The layout and the checks belong to the package format (runtime/package.py); this module
 fills it in, in a fresh folder (codegen/staged_directory.py moves it into place when complete).
@@ -59,9 +60,35 @@ def write_package(module: Module, targets: Sequence[Target], directory: Path, mo
         "functions": sorted(module.functions),
         "kv_cache": {**module.metadata["kv_cache"], "page_size": PAGE_SIZE} if module.metadata.get("kv_cache") else None,
         "quantization": module.metadata.get("quantization", {"layers": "f32", "head": "f32"}),
+        "tensor_parallel": module.metadata.get("tensor_parallel"),
         "targets": built,
         "weights": {"file": WEIGHTS_FILE, "alignment": WEIGHT_ALIGNMENT, "tensors": table},
         "files": {name: file_record(directory / name) for name in dict.fromkeys(files)},
+        "tokenizer": tokenizer_info,
+    }
+    (directory / METADATA_FILE).write_text(sealed_metadata(metadata))
+    return directory
+
+
+def write_sharded_package(modules: Sequence[Module], targets: Sequence[Target], directory: Path,
+                          model_info: dict[str, Any], tokenizer_info: dict[str, Any] | None,
+                          on_target: Callable[[Target], None] = lambda target: None,
+                          on_lowered: Callable[[str, Any], None] = lambda target, irmodule: None) -> Path:
+    """One package per tensor-parallel shard, each with its weights and libraries, and beside them the
+    tokenizer and the metadata that ties them together."""
+    shards = [f"shard-{index}" for index in range(len(modules))]
+    for module, shard in zip(modules, shards):
+        (directory / shard).mkdir()
+        write_package(module, targets, directory / shard, model_info, None, on_target, on_lowered)
+    files = [f"{shard}/{METADATA_FILE}" for shard in shards] + ([tokenizer_info["file"]] if tokenizer_info else [])
+    metadata = {
+        "package_format": PACKAGE_FORMAT,
+        "llmc_ir_version": IR_VERSION,
+        "tvm_version": tvm.__version__,
+        "model": model_info,
+        "tensor_parallel": {"shards": len(modules), "packages": shards},
+        "targets": {},
+        "files": {name: file_record(directory / name) for name in files},
         "tokenizer": tokenizer_info,
     }
     (directory / METADATA_FILE).write_text(sealed_metadata(metadata))

@@ -90,6 +90,12 @@ for _ir, _fn in {
     TABLE[_ir] = _simple(_fn)
 
 
+@lowers("all_reduce")
+def _all_reduce(cx, node, args):
+    """The sum over the shards, as NCCL computes it inside TVM's disco session (runtime.disco.allreduce)."""
+    return cx.emit(relax.op.ccl.allreduce(args[0], "sum"), node.name)
+
+
 @lowers("cast")
 def _cast(cx, node, args):
     return cx.emit(relax.op.astype(args[0], cx.dtype(node.attrs["dtype"])), node.name)

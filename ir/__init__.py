@@ -4,7 +4,7 @@ serialized form and a NumPy reference interpreter. It imports nothing else of ll
 from . import dims, ops
 from .errors import IRError, LlmcError
 from .graph import INPUT, PARAM, Graph, GraphBuilder, Module, Node, clone_with
-from .interpreter import run, run_graph
+from .interpreter import run, run_graph, run_sharded
 from .printer import print_graph, print_module
 from .reference_kv_cache import ReferenceKVCache
 from .serialize import IR_VERSION, load_module, module_from_json, module_to_json, save_module
@@ -14,5 +14,5 @@ from .verifier import verify_graph, verify_module
 __all__ = [
     "INPUT", "IR_VERSION", "PARAM", "Graph", "GraphBuilder", "IRError", "KVCacheType", "LlmcError", "Module", "Node",
     "ReferenceKVCache", "TensorType", "clone_with", "dims", "load_module", "module_from_json", "module_to_json", "ops",
-    "print_graph", "print_module", "run", "run_graph", "save_module", "verify_graph", "verify_module",
+    "print_graph", "print_module", "run", "run_graph", "run_sharded", "save_module", "verify_graph", "verify_module",
 ]

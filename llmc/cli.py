@@ -78,7 +78,10 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
                                                      "layers=3,heads=1,mlp=0.25"),
             calibration: Optional[Path] = typer.Option(None, "--calibration",
                                                        help="text file on which --prune measures importance "
-                                                            "(default: a mixed text shipped with llmc)")) -> None:
+                                                            "(default: a mixed text shipped with llmc)"),
+            tensor_parallel: int = typer.Option(1, "--tensor-parallel",
+                                                help="shard the model over N GPUs (Megatron-style; --target cuda, "
+                                                     "whose all_reduce is NCCL's through TVM's disco)")) -> None:
     """Compile MODEL into a package directory."""
     def action() -> None:
         require_compiler("llmc compile")
@@ -94,7 +97,7 @@ def compile(model: str = typer.Argument(..., help="built-in name (smollm2-135m),
         targets = [t.strip() for t in target.split(",") if t.strip()]
         if calibration is not None and prune is None:
             raise LlmcError("--calibration is the text --prune measures on; give --prune too")
-        options = PassOptions(quant, quant_head, kv_cache, Pruning.parse(prune or ""))
+        options = PassOptions(quant, quant_head, kv_cache, Pruning.parse(prune or ""), tensor_parallel)
         compile_with_progress(model, output, targets, options, tokenizer, dump_ir, calibration)
         _stderr().print(f"wrote {output}")
     _guarded(action)

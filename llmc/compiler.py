@@ -20,7 +20,7 @@ from llmc.frontend.onnx_file import load_onnx
 from llmc.frontend.onnx_importer import import_onnx
 from llmc.frontend.tokenizer_export import has_tokenizer, resolve_tokenizer, save_tokenizer
 from llmc.frontend.torch_export import MAX_EXPORT_LENGTH, import_torch_model
-from llmc.ir import Module
+from llmc.ir import LlmcError, Module
 from llmc.ir_dump import IRDump
 from llmc.passes.kv_cache_lowering import MAX_WINDOW_PROBE
 from llmc.passes.pipeline import PassOptions, passes, run_pipeline
@@ -28,7 +28,7 @@ from llmc.passes.pruning_importance import (CALIBRATION_TOKENS, DEFAULT_CALIBRAT
                                             measure_importance)
 from llmc.passes.pruning_options import PruningError
 from llmc.runtime.tokenizer import Tokenizer
-from llmc.codegen.package_writer import write_package
+from llmc.codegen.package_writer import write_package, write_sharded_package
 from llmc.codegen.staged_directory import staged_directory
 from llmc.targets import get_target
 
@@ -92,6 +92,11 @@ def compile_model(model: Any, output: str | Path, targets: Sequence[str] = ("cpu
     there (llmc/ir_dump.py). Pruning (`options.prune`) measures importance on the text in the file
     `calibration` (default: passes/calibration.txt)."""
     target_objects = [get_target(t) for t in targets]
+    if options.tensor_parallel > 1:
+        for target in target_objects:
+            if "all_reduce" in target.refused_ops:
+                raise LlmcError(f"--tensor-parallel {options.tensor_parallel}: target {target.name} does not run "
+                                f"{target.refused_ops['all_reduce']}")
     text = _calibration_text(calibration) if options.prune.requested else None
     with shared_gguf_readers(), staged_directory(Path(output)) as staging:
         _compile(model, staging, target_objects, options, progress or NoProgress(), tokenizer,
@@ -157,14 +162,18 @@ def _compile(model: Any, output: Path, target_objects: list, options: PassOption
     if calibration is not None:
         importance = _importance(module, calibration, output / tokenizer_info["file"] if tokenizer_info else None,
                                  progress)
-    module = run_pipeline(module, options, on_pass=progress.stage, sources=sources, after_pass=dump.module,
-                          importance=importance)
+    modules = run_pipeline(module, options, on_pass=progress.stage, sources=sources, after_pass=dump.module,
+                           importance=importance)
     if tokenizer_info is not None:
         tokenizer_info["eos_token_ids"] = _eos_ids(torch_model, tokenizer_info)
     progress.stage("writing weights")
-    write_package(module, target_objects, output, info, tokenizer_info,
-                  on_target=lambda t: progress.stage(f"compiling kernels for {t.name} ({t.description})"),
-                  on_lowered=dump.relax)
+    def on_target(target: Any) -> None:
+        progress.stage(f"compiling kernels for {target.name} ({target.description})")
+
+    if len(modules) == 1:
+        write_package(modules[0], target_objects, output, info, tokenizer_info, on_target, dump.relax)
+    else:
+        write_sharded_package(modules, target_objects, output, info, tokenizer_info, on_target, dump.relax)
     progress.finish()
 
 
@@ -174,7 +183,7 @@ def compile_with_progress(model: Any, output: str | Path, targets: Sequence[str]
     """`compile_model` with a progress bar on stderr (the CLI's way)."""
     from_checkpoint = isinstance(model, (str, Path))
     stages = Stages("llmc compile", 2 + 2 * int(from_checkpoint) + int(options.prune.requested)
-                    + len(passes(options)) + len(targets))
+                    + len(passes(options)) + len(targets) * options.tensor_parallel)
     try:
         return compile_model(model, output, targets, options, stages, tokenizer, dump_ir, calibration)
     except BaseException:

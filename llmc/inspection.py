@@ -6,6 +6,8 @@ It reads a compiled package's graph, or imports a model (without compiling it).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from llmc.ir import IRError, Module, module_from_json, print_module
@@ -17,8 +19,12 @@ from llmc.runtime.package import GRAPH_FILE, Package, is_package
 
 
 def load_ir(model: str) -> Module:
+    """The IR of a package (of its first shard, for a tensor-parallel one), or of a model imported."""
     if is_package(model):
         package = Package.open(model)
+        shards = (package.metadata.get("tensor_parallel") or {}).get("packages")
+        if shards:
+            return load_ir(str(Path(model) / shards[0]))
         tensors = package.metadata["weights"]["tensors"]
         arrays = {entry["name"]: array.view(numpy_dtype(entry["dtype"]))
                   for entry, array in zip(tensors, package.weights())}
@@ -79,6 +85,10 @@ def describe(module: Module, full_ir: bool = False) -> str:
                      + (f", a sliding window of {cache['window']} tokens in windowed layers" if cache.get("window")
                         else ""))
     lines += pruning_summary(module.metadata.get("pruning"))
+    sharding = module.metadata.get("tensor_parallel")
+    if sharding:
+        lines.append(f"\ntensor parallel: shard {sharding['shard']} of {sharding['shards']} (its heads and MLP "
+                     f"channels; all_reduce sums the partial products of the output and down projections)")
     lines.append("\nweights (name, format):")
     lines += [f"  {name}  {form}" for name, form in sorted(weight_formats(module).items())]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from .prune_mlp import prune_mlp
 from .pruning_importance import Importance
 from .pruning_options import Pruning, PruningError
 from .quantize import FORMATS, SourceWeight, quantize_module
+from .shard import shard_module
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,18 @@ class PassOptions:
     """What the user asked for at compile time: the weight format of the layers (auto: the
     checkpoint's own; or f32, f16, q8, q4), of the output head (by default the layers' choice,
     but q8 when the layers are q8 or q4, as llama.cpp does), of the KV cache (ir/kv_storage.py),
-    and what to prune (passes/pruning_options.py)."""
+    what to prune (passes/pruning_options.py), and over how many devices to shard the model
+    (passes/shard.py)."""
 
     quantization: str = "auto"
     head_quantization: str | None = None
     kv_cache: str = "f32"
     prune: Pruning = Pruning()
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise LlmcError(f"--tensor-parallel must be a count of at least 1, got {self.tensor_parallel!r}")
         for value in (self.quantization, self.head_quantization):
             if value is not None and value not in FORMATS:
                 raise LlmcError(f"unknown weight format {value!r}; llmc knows {', '.join(FORMATS)}")
@@ -47,10 +52,14 @@ class PassOptions:
         return self.quantization if self.quantization in ("auto", "f32", "f16") else "q8"
 
 
+Step = Callable[[Module], "Module | list[Module]"]
+
+
 def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = None,
-           importance: Importance | None = None) -> list[tuple[str, Callable[[Module], Module]]]:
+           importance: Importance | None = None) -> list[tuple[str, Step]]:
     """The passes, in order. `sources` holds the weights a checkpoint stores quantized (GGUF blocks),
-    which `auto` keeps as they are; `importance`, measured on a calibration text, guides pruning."""
+    which `auto` keeps as they are; `importance`, measured on a calibration text, guides pruning.
+    Sharding turns one module into several; the passes after it run on each shard."""
     prune = options.prune
 
     def measured() -> Importance:
@@ -71,6 +80,9 @@ def passes(options: PassOptions, sources: Mapping[str, SourceWeight] | None = No
     if prune.mlp.value:
         steps.append((f"remove MLP channels ({prune.mlp} per layer)",
                       lambda module: prune_mlp(module, measured(), prune.mlp)))
+    if options.tensor_parallel > 1:
+        steps.append((f"split into {options.tensor_parallel} tensor-parallel shards",
+                      lambda module: shard_module(module, options.tensor_parallel)))
     steps += [
         ("fold transposes", fold_transposes),
         ("fuse RMSNorm", fuse_rms_norm),
@@ -90,11 +102,15 @@ def run_pipeline(module: Module, options: PassOptions = PassOptions(),
                  on_pass: Callable[[str], None] = lambda name: None,
                  sources: Mapping[str, SourceWeight] | None = None,
                  after_pass: Callable[[str, Module], None] = lambda name, module: None,
-                 importance: Importance | None = None) -> Module:
-    """The passes run in order; `on_pass` hears each name before it runs, `after_pass` gets the verified result."""
+                 importance: Importance | None = None) -> list[Module]:
+    """The passes run in order; `on_pass` hears each name before it runs, `after_pass` gets the verified result
+    (of the first shard, once sharded). One module comes out, or one per tensor-parallel shard."""
+    modules = [module]
     for name, run_pass in passes(options, sources, importance):
         on_pass(name)
-        module = run_pass(module)
-        verify_module(module)
-        after_pass(name, module)
-    return module
+        results = [run_pass(m) for m in modules]
+        modules = [m for result in results for m in (result if isinstance(result, list) else [result])]
+        for result in modules:
+            verify_module(result)
+        after_pass(name, modules[0])
+    return modules

@@ -6,7 +6,8 @@ which groups go is each layer's own choice: those whose query heads score lowest
 score being the fluctuation (passes/pruning_importance.py) of the output projection's
 columns it writes. The q, k and v projections lose the groups' rows (and biases), the
 output projection their columns (and gains their mean contribution as a bias), and the
-cache its heads; GQA stays consistent because a group goes whole. Query heads of group g are g*G .. g*G+G-1, as repeat_kv lays them out.
+cache its heads; GQA stays consistent because a group goes whole. Query heads of group g are
+g*G .. g*G+G-1, as repeat_kv lays them out.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ class Engine:
     def __init__(self, path: str | Path, device: str = "cpu", cache: CacheSettings | None = None,
                  speculation: Speculation | None = None):
         self.package = Package.open(path)
+        self.package.require_one_device()
         info = self.package.metadata.get("tokenizer") or {}
         self.eos_ids: list[int] = list(info.get("eos_token_ids", []))
         # The weights' checksum runs on the other core while the tokenizer loads.

@@ -170,6 +170,7 @@ EXECUTORS = {"tvm": TVMExecutor, "wgpu": WebGPUExecutor}
 
 class CompiledModel:
     def __init__(self, package: Package, device: str = "cpu", cache: CacheSettings | None = None):
+        package.require_one_device()
         self.package = package
         self.device_name = device
         meta = package.metadata

@@ -163,6 +163,16 @@ class Package:
                                    f"{record['bytes']}: the file is truncated or was replaced. Recompile the model.")
         return package
 
+    def require_one_device(self) -> None:
+        """Refuse a tensor-parallel package: its shards exchange partial sums over NCCL in a TVM disco session
+        of one process per GPU, which this runtime does not start."""
+        shards = (self.metadata.get("tensor_parallel") or {}).get("shards", 1)
+        if shards > 1:
+            raise PackageError(f"{self.path} is a tensor-parallel package of {shards} shards (llmc compile "
+                               f"--tensor-parallel {shards}); llmc's runtime runs a model on one device, and running "
+                               f"the shards needs {shards} CUDA GPUs in a TVM disco session over NCCL, which it does "
+                               "not start yet. Compile without --tensor-parallel to run the model here.")
+
     @property
     def target_names(self) -> list[str]:
         return list(self.metadata["targets"])

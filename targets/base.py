@@ -47,6 +47,10 @@ class OwnKVCache(ABC):
         """Lower one `paged_attention` node through the lowering context `cx`."""
 
 
+COLLECTIVES = ("tensor parallelism's all_reduce, which llmc lowers to NCCL through TVM's disco (TVM's disco has "
+               "no other collectives), so tensor-parallel packages are for --target cuda")
+
+
 class Target(ABC):
     """One kind of device llmc compiles for."""
 
@@ -63,8 +67,9 @@ class Target(ABC):
     bytes_as_words: bool = False
     # Weight dtypes this target's kernel language cannot hold, and why; a package for it is refused.
     refused_weight_dtypes: dict[str, str] = {}
-    # IR ops this target cannot run yet, and what they do; a package that uses one is refused.
-    refused_ops: dict[str, str] = {}
+    # IR ops this target cannot run yet, and what they do; a package that uses one is refused. Only CUDA
+    # sums over tensor-parallel shards: TVM's disco does it with NCCL (or RCCL) alone.
+    refused_ops: dict[str, str] = {"all_reduce": COLLECTIVES}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -20,6 +20,7 @@ class CudaTarget(GPUTarget):
     device_kind = "cuda"
     runtime_libraries = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
     description = f"NVIDIA GPUs ({', '.join(ARCHITECTURES)} cubins, PTX for newer)"
+    refused_ops: dict[str, str] = {}
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "cuda", "arch": ARCHITECTURES[0]}, host={"kind": "llvm"})

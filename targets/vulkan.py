@@ -39,7 +39,8 @@ class VulkanTarget(GPUTarget):
     runtime_libraries = ()
     bytes_as_words = True
     refused_weight_dtypes = {"bfloat16": "WGSL has no bfloat16, nor a 16-bit integer to hold its bits"}
-    refused_ops = {"topk": "mixture-of-experts routing (top-k), whose kernels the WebGPU executor cannot launch yet"}
+    refused_ops = {**GPUTarget.refused_ops,
+                   "topk": "mixture-of-experts routing (top-k), whose kernels the WebGPU executor cannot launch yet"}
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "webgpu", "supports_subgroups": False}, host={"kind": "llvm"})

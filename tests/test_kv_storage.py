@@ -44,7 +44,7 @@ def storage_package(long_model, tmp_path_factory):
 
 
 def _interpreter_logits(model, storage: str, ids: list[int], chunk: int) -> np.ndarray:
-    module = run_pipeline(import_torch_model(model), PassOptions("f32", kv_cache=storage))
+    (module,) = run_pipeline(import_torch_model(model), PassOptions("f32", kv_cache=storage))
     fields = {k: v for k, v in module.metadata["kv_cache"].items() if k != "bytes_per_token"}
     cache = ReferenceKVCache(KVCacheType(**fields))
     cache.add_sequence(0)

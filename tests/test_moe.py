@@ -60,7 +60,7 @@ def expert_weight_reads(graph: Graph) -> dict[str, list[Node]]:
 def test_decode_reads_only_the_chosen_experts_weights(tiny_mixtral, quantization, arrays_per_weight, reader):
     """In the decode step every expert weight, in each format, is read only by a gather whose indices come from
     the router's top-k: the chosen experts' slices, CHOSEN of EXPERTS per token, not the whole weight."""
-    module = run_pipeline(import_torch_model(tiny_mixtral, 256), PassOptions(quantization))
+    (module,) = run_pipeline(import_torch_model(tiny_mixtral, 256), PassOptions(quantization))
     reads = expert_weight_reads(module.functions["decode"])
     assert len(reads) == 2 * 2 * arrays_per_weight  # gate_up and down, in each of the 2 layers
     for name, readers in reads.items():
@@ -74,7 +74,7 @@ def test_decode_reads_only_the_chosen_experts_weights(tiny_mixtral, quantization
 def test_quantized_experts_compile_to_what_the_interpreter_computes(tiny_mixtral, tmp_path):
     """q4 experts, gathered and dequantized by the compiled library, give the interpreter's logits for a
     prefill of the quantized graph (a prefill's matmuls keep float activations, so the two agree closely)."""
-    module = run_pipeline(import_torch_model(tiny_mixtral, 256), PassOptions("q4"))
+    (module,) = run_pipeline(import_torch_model(tiny_mixtral, 256), PassOptions("q4"))
     ids = np.random.default_rng(5).integers(0, 512, 12)
     fields = {k: v for k, v in module.metadata["kv_cache"].items() if k != "bytes_per_token"}
     cache = ReferenceKVCache(KVCacheType(**fields))
