@@ -112,6 +112,9 @@ def run_sharded(graphs: Sequence[Graph], inputs: Sequence[Mapping[str, Any]],
     weights), run op by op together: `all_reduce` gives every shard the sum of its input over all of them."""
     if len({tuple((n.name, n.op) for n in g.nodes) for g in graphs}) != 1:
         raise IRError("the shards of a model must run graphs of the same nodes")
+    if not len(graphs) == len(inputs) == len(weights):
+        raise IRError(f"{len(graphs)} shards need as many input sets and weight sets, got {len(inputs)} and "
+                      f"{len(weights)}")
     states = [_Run(graph, shard_inputs, shard_weights)
               for graph, shard_inputs, shard_weights in zip(graphs, inputs, weights)]
     for index, node in enumerate(graphs[0].nodes):

@@ -40,9 +40,9 @@ class ResidualAdd:
 
 
 def residual_adds(graph: Graph) -> list[ResidualAdd]:
-    """The residual adds of the decoder layers, in order. An add is one when an operand is the stream (the first
-    value that no layer's weight made, then each residual add) and the other reads weights of exactly one layer
-    that the stream does not."""
+    """The residual adds of the decoder layers, in order. An add is one when an operand is the stream and the other
+    reads weights of exactly one layer that the stream does not. Until the first residual add, the stream is any
+    value that no layer's weight made (the embeddings); from then on, the last residual add."""
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ancestry: dict[int, int] = {}
     for node in graph.nodes:

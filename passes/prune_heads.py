@@ -43,8 +43,10 @@ def kv_cache_type(module: Module) -> KVCacheType:
     return next(n.type for g in module.functions.values() for n in g.inputs if isinstance(n.type, KVCacheType))
 
 
-def _respelled(shape: list, counts: dict[int, int]) -> list:
-    return [counts.get(d, d) if isinstance(d, int) else d for d in shape]
+def _respelled(shape: list, old: int, new: int, dim: int) -> list:
+    """`shape` with `new` heads for `old`: in the axis before a head_dim axis, or in an axis of old * dim."""
+    return [new if d == old and i + 1 < len(shape) and shape[i + 1] == dim else new * dim if d == old * dim else d
+            for i, d in enumerate(shape)]
 
 
 def group_cuts(module: Module, kept_groups: Callable[[AttentionProjections], np.ndarray], purpose: str) -> GroupCuts:
@@ -74,7 +76,7 @@ def group_cuts(module: Module, kept_groups: Callable[[AttentionProjections], np.
                                      ("out", (heads, kept_heads))):
                 for node in layer.paths[path]:
                     if node.op == "reshape":
-                        spelled[node.name] = _respelled(node.attrs["shape"], {old: new, old * dim: new * dim})
+                        spelled[node.name] = _respelled(node.attrs["shape"], old, new, dim)
     new_cache = dataclasses.replace(cache, num_q_heads=(kept_count or 0) * per_group, num_kv_heads=kept_count or 0)
     inputs = {n.name: new_cache for g in module.functions.values() for n in g.inputs if n.type == cache}
     return GroupCuts(cuts, reshapes, new_cache, inputs, removed)
@@ -87,7 +89,7 @@ def prune_heads(module: Module, importance: Importance, amount: Amount) -> Modul
     keep = groups - amount.count(groups, "heads")
     removed_groups: dict[int, list[int]] = {}  # by the layer's index in the checkpoint
 
-    def least_important_out(layer: AttentionProjections) -> np.ndarray:
+    def most_important_groups(layer: AttentionProjections) -> np.ndarray:
         out = weight_of(layer.out)
         scores = importance.channel_scores(out, module.weights[out]).reshape(groups, -1).sum(axis=1)
         kept = np.sort(np.argsort(-scores, kind="stable")[:keep])
@@ -95,7 +97,7 @@ def prune_heads(module: Module, importance: Importance, amount: Amount) -> Modul
         removed_groups[layer.layer if original is None else original] = sorted(set(range(groups)) - set(kept.tolist()))
         return kept
 
-    found = group_cuts(module, least_important_out, "--prune heads")
+    found = group_cuts(module, most_important_groups, "--prune heads")
     biases = {name: importance.compensation(name, module.weights[name], columns)
               for name, columns in found.removed_columns.items() if columns.size}
     metadata = {**module.metadata, "kv_cache": kv_cache_metadata(found.cache),

@@ -1,11 +1,12 @@
 """Width pruning of the MLPs: the channels between the up (and gate) projections and the down
 projection that score lowest are removed, from every MLP alike.
 
-MLPs are found as passes/decoder_structure.py says. A channel's score is its fluctuation on the down projection's input
-(passes/pruning_importance.py). The up and gate projections lose the channels' rows (and
-biases), the down projection their columns and gains their mean contribution as a bias.
-The kept count stays a multiple of 32, a quantization group, so a pruned model quantizes
-as the unpruned one does.
+MLPs are found as passes/decoder_structure.py says. A channel's score is its fluctuation on
+the down projection's input (passes/pruning_importance.py). The up and gate projections lose
+the channels' rows (and biases), the down projection their columns and gains their mean
+contribution as a bias.
+Where an MLP is whole groups of 32 (a quantization group), whole groups are removed, so a
+pruned model quantizes as the unpruned one does.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def channel_cuts(module: Module, kept_channels: Callable[[Mlp, int], np.ndarray]
 
 
 def _kept_count(width: int, amount: Amount) -> int:
-    """Channels kept of `width`: the amount removed, rounded to whole quantization groups (when `width` is whole
-    groups), at least one group."""
+    """Channels kept of `width`: the amount removed, rounded to whole quantization groups when `width` is whole
+    groups (at least one group removed when any is asked for)."""
     removed = amount.count(width, "mlp")
     if removed and width % GROUP == 0:
         removed = max(GROUP, int(round(removed / GROUP)) * GROUP)

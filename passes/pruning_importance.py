@@ -55,9 +55,11 @@ class Importance:
 
 
 def measure_importance(module: Module, tokens: Sequence[int]) -> Importance:
-    """Run `module`'s forward over the first CALIBRATION_TOKENS of `tokens` and measure."""
+    """Run `module`'s forward over the first CALIBRATION_TOKENS of `tokens` (fewer where the model's context is
+    shorter) and measure."""
     graph = module.functions["forward"]
-    ids = np.asarray(list(tokens)[:CALIBRATION_TOKENS], dtype=np.int64)[None, :]
+    limit = min(CALIBRATION_TOKENS, module.metadata.get("context_length", CALIBRATION_TOKENS))
+    ids = np.asarray(list(tokens)[:limit], dtype=np.int64)[None, :]
     entering: dict[int, list[int]] = {}
     leaving: dict[int, list[int]] = {}
     for layer, (entry, exit) in layer_bounds(graph).items():

@@ -8,6 +8,7 @@ counts against the model they meet, and refuse a count that would remove all the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmc.ir import LlmcError
@@ -72,6 +73,6 @@ def _amount(kind: str, text: str) -> Amount:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text) if share else int(text)
     except ValueError:
         raise PruningError(f"--prune {kind}={text!r}: give a count (3) or a share (0.25 or 25%)") from None
-    if value < 0 or (share and value >= 1):
+    if not math.isfinite(value) or value < 0 or (share and value >= 1):
         raise PruningError(f"--prune {kind}={text}: a count must be at least 0 and a share below 1 (100%)")
     return Amount(value, share)

@@ -41,8 +41,9 @@ class SourceWeight:
 
 
 def _fitted(source: SourceWeight | None, weight: np.ndarray) -> SourceWeight | None:
-    """`source`, or where pruning has cut the weight since, the cut weight in llmc's format of the same width (a
-    Q4_1 source requantized from its own dequantized values gives back its codes; 16-bit values are exact)."""
+    """`source`, or where pruning has cut the weight since, the cut weight in llmc's format of the same width:
+    exact for Q4_1 and Q8_0 sources (llmc's q4 and q8 are their forms, and requantizing their dequantized values
+    gives back their codes) and 16-bit ones; other formats are rounded a second time into q4 or q8."""
     if source is None:
         return None
     data = source.data

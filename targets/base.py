@@ -47,8 +47,8 @@ class OwnKVCache(ABC):
         """Lower one `paged_attention` node through the lowering context `cx`."""
 
 
-COLLECTIVES = ("tensor parallelism's all_reduce, which llmc lowers to NCCL through TVM's disco (TVM's disco has "
-               "no other collectives), so tensor-parallel packages are for --target cuda")
+COLLECTIVES = ("tensor parallelism's all_reduce, which llmc lowers to NCCL through TVM's disco (whose collectives "
+               "have no other backend llmc targets), so tensor-parallel packages are for --target cuda")
 
 
 class Target(ABC):
@@ -68,7 +68,7 @@ class Target(ABC):
     # Weight dtypes this target's kernel language cannot hold, and why; a package for it is refused.
     refused_weight_dtypes: dict[str, str] = {}
     # IR ops this target cannot run yet, and what they do; a package that uses one is refused. Only CUDA
-    # sums over tensor-parallel shards: TVM's disco does it with NCCL (or RCCL) alone.
+    # sums over tensor-parallel shards: TVM's disco runs collectives over NCCL (or RCCL, for ROCm) alone.
     refused_ops: dict[str, str] = {"all_reduce": COLLECTIVES}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -209,7 +209,8 @@ def test_removing_more_than_exists_is_refused(measured, text, message):
 
 @pytest.mark.parametrize("text, message", [
     ("depth=2", "llmc prunes layers, heads, mlp"), ("layers=two", "give a count"),
-    ("mlp=1.5", "a share below 1"), ("mlp=-3", "at least 0"), ("layers=1,layers=2", "names layers twice"),
+    ("mlp=1.5", "a share below 1"), ("mlp=-3", "at least 0"), ("mlp=nan%", "a share below 1"),
+    ("layers=1,layers=2", "names layers twice"),
 ])
 def test_malformed_requests_are_refused(text, message):
     with pytest.raises(PruningError, match=message):
